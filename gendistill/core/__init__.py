@@ -1,0 +1,1 @@
+"""Shared core: scenes, cameras, the Gaussian rasterizer, feature alignment, guidance."""
