@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gendistill render assets/scenes/snowman.ply --path orbit --frames 48 --size 256x256 --out outputs/demo
+	$(VENV)/bin/gendistill render assets/scenes/snowman.ply --path orbit --frames 48 --size 256x256 --background 1,1,1 --out outputs/demo
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q

@@ -1,0 +1,65 @@
+"""The `gendistill` command: `gendistill <command> ...`; also `python -m gendistill` and `accelerate launch -m gendistill`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_render(sub) -> None:
+    p = sub.add_parser("render", help="render splat scenes to turntable videos, PNG frames and contact sheets")
+    p.add_argument("scenes", nargs="+", help="INRIA 3DGS .ply files")
+    p.add_argument("--out", required=True, help="output folder; one subfolder per scene")
+    p.add_argument("--path", default="orbit", choices=["orbit", "spiral"], help="generated camera path")
+    p.add_argument("--cameras", default=None, help="transforms.json or COLMAP model instead of a generated path")
+    p.add_argument("--frames", type=int, default=120, help="frames of a generated path")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512, or the camera file's size)")
+    p.add_argument("--format", dest="fmt", default="mp4", choices=["mp4", "png", "both"])
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--fov", type=float, default=45.0, help="horizontal field of view of generated paths, degrees")
+    p.add_argument("--elevation", type=float, default=20.0, help="elevation of generated paths, degrees")
+    p.add_argument("--background", default="0,0,0", help="R,G,B in [0, 1]")
+    p.add_argument("--backend", default="auto", help="render backend: auto, cpu, torch, gsplat")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(run=_run_render)
+
+
+def _run_render(args) -> None:
+    from gendistill.batch_render import RenderJob, parse_size, render_scenes
+
+    try:
+        background = tuple(float(v) for v in args.background.split(","))
+        assert len(background) == 3
+    except (ValueError, AssertionError):
+        raise ValueError(f"--background must be R,G,B like 1,1,1, got {args.background!r}") from None
+    size = parse_size(args.size) if args.size else (None if args.cameras else (512, 512))
+    job = RenderJob(path=args.path, frames=args.frames, size=size, cameras_file=args.cameras, fmt=args.fmt,
+                    fps=args.fps, fov_deg=args.fov, elevation_deg=args.elevation, background=background,
+                    backend=args.backend)
+    folders = render_scenes(args.scenes, args.out, job, device=args.device)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        for folder in folders:
+            print(f"rendered {folder.name}: {folder}/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gendistill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_render(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"gendistill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
