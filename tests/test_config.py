@@ -1,0 +1,48 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from gendistill.config import ConfigError, load_config, to_yaml
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass
+class Cfg:
+    name: str = "run"
+    steps: int = 10
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 20\noptim:\n  lr: 0.5\n")
+    cfg = load_config(Cfg, f, ["optim.lr=0.25", "name=x"])
+    assert isinstance(cfg, Cfg) and isinstance(cfg.optim, Optim)
+    assert (cfg.steps, cfg.optim.lr, cfg.name, cfg.optim.betas) == (20, 0.25, "x", (0.9, 0.95))
+    assert "lr: 0.25" in to_yaml(cfg)
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  learning_rate: 0.5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*optim.learning_rate"):
+        load_config(Cfg, f)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="unknown key 'stepz'"):
+        load_config(Cfg, None, ["stepz=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(Cfg, None, ["steps"])
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(Cfg, None, ["steps=many"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Cfg, tmp_path / "nope.yaml")
