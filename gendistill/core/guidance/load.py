@@ -1,0 +1,170 @@
+"""`load_guidance`: a diffusers pipeline (hub id, local folder or object) as a score-distillation loss."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Sequence
+
+import torch
+
+from gendistill.core.guidance.base import GUIDANCE, Guidance, check_cfg
+from gendistill.core.guidance.ip2p import IP2PGuidance  # noqa: F401  (registers "ip2p")
+from gendistill.core.guidance.rfds import RFDSGuidance, is_flow_matching  # noqa: F401
+from gendistill.core.guidance.schedule import check_t_range, check_weighting
+from gendistill.core.guidance.sds import SDSGuidance, has_beta_schedule  # noqa: F401
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+CPU_OFFLOAD = (None, "model", "sequential")
+
+
+def as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected a torch.dtype or one of {', '.join(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
+def option_names(cls) -> set[str]:
+    """Keyword arguments accepted by a guidance class and its bases."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and klass is not object:
+            params = inspect.signature(klass.__init__).parameters.values()
+            names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names - {"self"}
+
+
+def detect_kind(pipe) -> str:
+    """"rfds" for a flow-matching transformer, "ip2p" for InstructPix2Pix, "sds" for a DDPM-family UNet."""
+    name = type(pipe).__name__
+    scheduler = getattr(pipe, "scheduler", None)
+    if getattr(pipe, "transformer", None) is not None and is_flow_matching(scheduler):
+        return "rfds"
+    unet = getattr(pipe, "unet", None)
+    if unet is not None and has_beta_schedule(scheduler):
+        config = unet.config
+        if "InstructPix2Pix" in name or (getattr(pipe, "vae", None) is not None
+                                          and config.in_channels == 2 * config.out_channels):
+            return "ip2p"
+        if config.in_channels == config.out_channels:
+            return "sds"
+    raise ValueError(
+        f"unsupported pipeline type {name} (denoiser {type(unet or getattr(pipe, 'transformer', None)).__name__}, "
+        f"scheduler {type(scheduler).__name__}); expected a UNet pipeline with a DDPM-family scheduler "
+        f"(SD 1.x/2.x, pixel-space UNets: kind 'sds'), an SD3-style flow-matching transformer pipeline "
+        f"(kind 'rfds') or an InstructPix2Pix pipeline (kind 'ip2p')"
+    )
+
+
+def load_pipeline(
+    model,
+    *,
+    dtype=None,
+    device: str | torch.device | None = None,
+    cpu_offload: str | None = None,
+    attention_slicing: bool | str | int | None = None,
+    vae_tiling: bool = False,
+    **pipeline_kwargs,
+):
+    """A diffusers pipeline from a hub id, a local folder (works with HF_HUB_OFFLINE=1) or as given.
+
+    Args:
+        model: hub id, local folder, or a `DiffusionPipeline` (used as is; moved when asked).
+        dtype: torch_dtype for loading ("float16", torch.float16, ...); a given pipeline is cast.
+        device: where to run; default: the given pipeline's device, else "cuda" when available.
+        cpu_offload: None, "model" (`enable_model_cpu_offload`) or "sequential".
+        attention_slicing: True / "auto" / "max" / an int: `enable_attention_slicing`.
+        vae_tiling: `vae.enable_tiling()`.
+        pipeline_kwargs: passed to `DiffusionPipeline.from_pretrained` (e.g. variant="fp16",
+            text_encoder_3=None, tokenizer_3=None to drop SD3's T5).
+    """
+    from diffusers import DiffusionPipeline
+
+    dtype = as_dtype(dtype)
+    if cpu_offload not in CPU_OFFLOAD:
+        raise ValueError(f"unknown cpu_offload {cpu_offload!r}; expected None, 'model' or 'sequential'")
+    if isinstance(model, DiffusionPipeline):
+        pipe = model
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+    elif isinstance(model, (str, os.PathLike)):
+        kwargs = dict(pipeline_kwargs)
+        try:
+            index = DiffusionPipeline.load_config(model)
+        except Exception as e:  # noqa: BLE001 - report where we looked
+            raise OSError(f"could not read a diffusers pipeline (model_index.json) from {str(model)!r}: {e}") from e
+        if "safety_checker" in index:  # a guidance never needs it; skip loading it
+            kwargs.setdefault("safety_checker", None)
+            kwargs.setdefault("requires_safety_checker", False)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **kwargs)
+        if device is None and cpu_offload is None and torch.cuda.is_available():
+            device = "cuda"
+    else:
+        raise TypeError(f"model must be a hub id, a local folder or a diffusers pipeline, got {type(model).__name__}")
+    if cpu_offload == "model":
+        pipe.enable_model_cpu_offload(device=device or "cuda")
+    elif cpu_offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device or "cuda")
+    elif device is not None:
+        pipe.to(device)
+    if attention_slicing:
+        pipe.enable_attention_slicing("auto" if attention_slicing is True else attention_slicing)
+    if vae_tiling:
+        if getattr(pipe, "vae", None) is None or not hasattr(pipe.vae, "enable_tiling"):
+            raise ValueError(f"vae_tiling: {type(pipe).__name__} has no VAE that supports tiling")
+        pipe.vae.enable_tiling()
+    return pipe
+
+
+def load_guidance(
+    model,
+    kind: str = "auto",
+    guidance_scale: float = 100.0,
+    weighting: str = "sds",
+    t_range: Sequence[float] = (0.02, 0.98),
+    cfg: str = "standard",
+    *,
+    dtype=None,
+    device: str | torch.device | None = None,
+    cpu_offload: str | None = None,
+    attention_slicing: bool | str | int | None = None,
+    vae_tiling: bool = False,
+    pipeline_kwargs: dict | None = None,
+    **options,
+) -> Guidance:
+    """A score-distillation loss built from a diffusers pipeline.
+
+    Args:
+        model: hub id, local folder or loaded `DiffusionPipeline`.
+        kind: "auto" (from the pipeline: flow-matching transformer -> "rfds", InstructPix2Pix ->
+            "ip2p", DDPM-family UNet -> "sds"), "sds", "rfds" or "ip2p".
+        guidance_scale: classifier-free guidance scale (text scale for "ip2p").
+        weighting: "sds" (w = 1 - alpha_bar_t), "uniform" or "fantasia3d".
+        t_range: (lo, hi) fractions of the training timesteps t is drawn from.
+        cfg: "standard" or "threestudio" (see `Guidance`).
+        dtype, device, cpu_offload, attention_slicing, vae_tiling, pipeline_kwargs: see `load_pipeline`.
+        options: per kind: grad_clip, t_anneal ("none" | "linear" | "sqrt"), t_range_end,
+            view_dependent, resolution (all kinds); image_guidance_scale (ip2p, 1.5);
+            refine_noise (rfds, True).
+
+    Returns:
+        a `Guidance`; call `guidance.loss(images, prompt, ...)` and backpropagate.
+    """
+    if kind != "auto":
+        GUIDANCE.get_entry(kind)
+    check_weighting(weighting)
+    check_cfg(cfg)
+    check_t_range(t_range)
+    pipe = load_pipeline(model, dtype=dtype, device=device, cpu_offload=cpu_offload,
+                         attention_slicing=attention_slicing, vae_tiling=vae_tiling, **(pipeline_kwargs or {}))
+    if kind == "auto":
+        kind = detect_kind(pipe)
+    cls = GUIDANCE.get_entry(kind)
+    known = option_names(cls) - {"pipe", "guidance_scale", "weighting", "t_range", "cfg"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} for kind {kind!r}; known: {', '.join(sorted(known))}")
+    return cls(pipe, guidance_scale=guidance_scale, weighting=weighting, t_range=t_range, cfg=cfg, **options)
