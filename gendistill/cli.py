@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gendistill.video_distill.cli import add_finetune_parser, add_generate_parser
+
 
 def _add_render(sub) -> None:
     p = sub.add_parser("render", help="render splat scenes to turntable videos, PNG frames and contact sheets")
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gendistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_render(sub)
+    add_finetune_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

@@ -1,0 +1,95 @@
+"""`gendistill finetune` and `gendistill generate`: argparse only here; the heavy modules load when a command runs.
+
+    gendistill finetune --config configs/video_distill/tiny_cpu.yaml output_dir=outputs/tiny max_steps=20
+    accelerate launch -m gendistill finetune --config configs/video_distill/videorepa_5b_lora.yaml ...
+    gendistill generate --model THUDM/CogVideoX-5b --lora outputs/run/export --prompts prompts.txt --out videos/
+
+Also runnable as `python -m gendistill.video_distill.cli <command> ...` (and so under torchrun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_finetune_parser", "add_generate_parser", "run_finetune", "run_generate", "main"]
+
+
+def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "finetune", help="VideoREPA finetuning of a CogVideoX model (diffusion loss + token relation distillation)",
+        description="Finetune a CogVideoX transformer with the VideoREPA TRD loss. Settings come from the YAML "
+                    "config, then key=value overrides (e.g. output_dir=runs/a max_steps=100 optim.lr=1e-4 "
+                    "resume_from_checkpoint=latest).")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/video_distill/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(run=run_finetune)
+    return p
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="batch text-to-video with a (finetuned) CogVideoX pipeline to mp4")
+    p.add_argument("--model", required=True, help="hub id or local folder of a CogVideoXPipeline")
+    p.add_argument("--lora", default=None, help="LoRA export folder or pytorch_lora_weights.safetensors")
+    p.add_argument("--transformer", default=None, help="finetuned transformer folder (a full-finetune export)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (or a JSON list)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--frames", type=int, default=None, help="frames per video (default: the model's, 49)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50, help="inference steps")
+    p.add_argument("--guidance-scale", type=float, default=6.0)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42, help="prompt k uses seed + k")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="weights dtype on GPU")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); CPU runs in fp32")
+    p.set_defaults(run=run_generate)
+    return p
+
+
+def run_finetune(args) -> None:
+    from gendistill.config import load_config
+    from gendistill.video_distill.trainer import FinetuneConfig, finetune
+
+    finetune(load_config(FinetuneConfig, args.config, args.overrides))
+
+
+def run_generate(args) -> None:
+    import torch
+
+    from gendistill.video_distill.generate import DTYPES, generate_videos, load_pipeline, read_prompts
+
+    prompts = read_prompts(args.prompts)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(args.model, lora=args.lora, transformer=args.transformer, dtype=dtype, device=device)
+    paths = generate_videos(pipe, prompts, args.out, num_frames=args.frames, height=args.height, width=args.width,
+                            num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                            fps=args.fps, negative_prompt=args.negative_prompt, lora_scale=args.lora_scale,
+                            cpu=device.type == "cpu")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"generated {len(prompts)} video(s) in {args.out}/" + (f" ({len(paths)} by this process)"
+                                                                    if len(paths) != len(prompts) else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gendistill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_finetune_parser(sub)
+    add_generate_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"gendistill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

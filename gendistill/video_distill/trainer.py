@@ -1,0 +1,820 @@
+"""VideoREPA finetuning of a CogVideoX text-to-video transformer: diffusion loss + token relation distillation.
+
+    cfg = load_config(FinetuneConfig, "configs/video_distill/tiny_cpu.yaml", ["max_steps=20"])
+    summary = VideoREPATrainer(cfg).train()      # checkpoints, validation mp4s, export under cfg.output_dir
+
+Per step, for a batch of clips (video [B, F, 3, H, W] in [0, 1], captions):
+
+- latents x0 = VAE(video) * scaling_factor as [B, f, C, h, w]; prompt embeddings from T5;
+  t ~ U{0..T-1}; x_t = add_noise(x0, eps, t); v = transformer(x_t, prompt, t).
+- diffusion loss (CogVideoX finetuning): x0_hat = sqrt(a_t) x_t - sqrt(1 - a_t) v (v-prediction),
+  mean over the batch of mean((x0_hat - x0)^2) / (1 - a_t), a_t = alpha_bar_t.
+- alignment: tokens of block `align_layer` (1-based) [B, f, h', w', D] -> `Projector` (D -> Dt)
+  -> `GridAligner` (drop the first latent frame, time resampled, learnable strided conv in space)
+  -> [B, T', H', W', Dt], against the frozen teacher's tokens of the same clip; TRD
+  (`trd_loss`, margin, reduction) or REPA (`repa_loss`, negative cosine).
+- loss = diffusion + proj_coeff * alignment. The transformer (all of it, or LoRA adapters), the
+  projector and the downsampler train; VAE, text encoder and teacher stay frozen.
+
+Outputs under `output_dir`: `checkpoints/checkpoint-N/` (accelerate state + per-process trainer
+state; the last `checkpoint.keep` kept), `validation/step-NNNNNN_prompt-KK.mp4`, `export/`
+(`pytorch_lora_weights.safetensors` or `transformer/`, plus `align_heads.safetensors`),
+`logs/train_log.jsonl`, `config.yaml`.
+
+Multi-GPU / multi-node: `accelerate launch -m gendistill finetune ...` (DDP, DeepSpeed ZeRO-2, FSDP
+as the accelerate config says); on CPU several processes start with `torchrun`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gendistill.config import to_yaml
+from gendistill.core.align import GridAligner, Projector, grid_to_tokens, repa_loss, trd_loss
+from gendistill.core.align.hooks import capture_block
+from gendistill.core.io import atomic_path
+from gendistill.core.media import write_video
+
+logger = logging.getLogger("gendistill.video_distill")
+
+__all__ = [
+    "ModelConfig", "TeacherConfig", "AlignConfig", "LoraConfig", "DataConfig", "OptimConfig",
+    "CheckpointConfig", "ValidationConfig", "FinetuneConfig",
+    "diffusion_loss", "rotary_embeddings", "encode_video", "sample_latents", "encode_prompts",
+    "AlignedStudent", "VideoREPATrainer", "finetune",
+]
+
+TRAINING_TYPES = ("sft", "lora")
+ALIGN_LOSSES = ("trd", "repa", "none")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+# -- config ---------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    pretrained: str = "THUDM/CogVideoX-2b"  # hub id or local folder of a CogVideoXPipeline
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+    tiny: bool = False  # write the tiny models (gendistill.video_distill.tiny) to pretrained / teacher.path if missing
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "videomaev2"  # a gendistill.video_distill.teachers.TEACHERS entry
+    path: Optional[str] = None  # checkpoint file, local folder or hub id (None: the entry's default)
+    num_frames: Optional[int] = 48
+    frame_start: int = 1
+    image_size: List[int] = field(default_factory=lambda: [160, 240])
+    options: Dict[str, Any] = field(default_factory=dict)  # more load_teacher options (pos_embed, final_norm, ...)
+
+
+@dataclass
+class AlignConfig:
+    loss: str = "trd"  # trd (VideoREPA), repa (cosine, REPA), none (plain finetuning)
+    align_layer: int = 18  # 1-based transformer block
+    proj_coeff: float = 0.5
+    margin: float = 0.1
+    reduction: str = "joint"  # joint | paper
+    chunk_size: Optional[int] = None
+    projector_dim: int = 2048
+    downsampler: str = "conv"  # conv (learnable, VideoREPA) | area | bilinear | nearest
+    kernel_size: int = 3
+    drop_first_frame: bool = True
+    temporal: str = "linear"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 128
+    alpha: float = 64.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/videos"  # folder of videos with .txt captions, or a .csv / .json / .jsonl manifest
+    root: Optional[str] = None  # base of relative manifest paths (default: the manifest's folder)
+    num_frames: int = 49
+    height: int = 480
+    width: int = 720
+    frame_sampling: str = "uniform"  # uniform | first
+    shuffle: bool = True
+    num_workers: int = 0
+    cache: bool = False  # precompute VAE latents, prompt embeddings and teacher tokens
+    cache_dir: Optional[str] = None  # default: output_dir/cache
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
+    warmup_steps: int = 100
+    num_cycles: int = 1
+    power: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 800
+    keep: int = 2
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 800  # 0: never (and not at the end)
+    prompts: List[str] = field(default_factory=list)
+    num_frames: Optional[int] = None  # default: data.num_frames
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    fps: float = 8.0
+    seed: int = 42
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "outputs/finetune"
+    max_steps: int = 1000
+    training_type: str = "sft"  # sft (full) | lora
+    batch_size: int = 4  # per process
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "bf16"  # no | fp16 | bf16
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    log_every: int = 1
+    export: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Raise ValueError naming the first setting that cannot work."""
+    checks = [
+        (cfg.training_type in TRAINING_TYPES, f"training_type must be one of {TRAINING_TYPES}, got {cfg.training_type!r}"),
+        (cfg.align.loss in ALIGN_LOSSES, f"align.loss must be one of {ALIGN_LOSSES}, got {cfg.align.loss!r}"),
+        (cfg.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}, got {cfg.mixed_precision!r}"),
+        (cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+        (cfg.align.align_layer >= 1, f"align.align_layer is 1-based, got {cfg.align.align_layer}"),
+        ((cfg.data.num_frames - 1) % 4 == 0, f"data.num_frames must be 4k+1 for CogVideoX's VAE (49, 33, 9...), "
+                                             f"got {cfg.data.num_frames}"),
+        (len(cfg.optim.betas) == 2, f"optim.betas must be two numbers, got {cfg.optim.betas}"),
+        (len(cfg.teacher.image_size) == 2, f"teacher.image_size must be [height, width], got {cfg.teacher.image_size}"),
+        (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+# -- pieces of a step -------------------------------------------------------------------------------
+def diffusion_loss(alphas_cumprod: torch.Tensor, model_output: torch.Tensor, noisy: torch.Tensor,
+                   latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """CogVideoX's finetuning loss for a v-prediction model.
+
+    Args:
+        alphas_cumprod: [T] the scheduler's alpha_bar.
+        model_output: [B, f, C, h, w] predicted v; noisy: x_t; latents: x0 (same shape).
+        timesteps: [B] integer timesteps.
+
+    Returns:
+        [] float32: mean_b mean((sqrt(a) x_t - sqrt(1 - a) v - x0)^2) / (1 - a), a = alpha_bar_t.
+    """
+    a = alphas_cumprod.to(device=model_output.device, dtype=torch.float32)[timesteps]
+    a = a.view(-1, *([1] * (model_output.dim() - 1)))
+    x0_hat = a.sqrt() * noisy.float() - (1 - a).sqrt() * model_output.float()
+    per_sample = ((x0_hat - latents.float()) ** 2 / (1 - a)).flatten(1).mean(1)
+    return per_sample.mean()
+
+
+def rotary_embeddings(transformer_config, *, latent_frames: int, latent_height: int, latent_width: int,
+                      device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cos, sin) 3D RoPE tables for CogVideoX-5B-style transformers, as CogVideoXPipeline builds them; else None."""
+    if not transformer_config.use_rotary_positional_embeddings:
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p, p_t = transformer_config.patch_size, transformer_config.patch_size_t
+    grid_h, grid_w = latent_height // p, latent_width // p
+    base_w, base_h = transformer_config.sample_width // p, transformer_config.sample_height // p
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(embed_dim=transformer_config.attention_head_dim, crops_coords=crops,
+                                       grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
+    return get_3d_rotary_pos_embed(embed_dim=transformer_config.attention_head_dim, crops_coords=None,
+                                   grid_size=(grid_h, grid_w), temporal_size=(latent_frames + p_t - 1) // p_t,
+                                   grid_type="slice", max_size=(base_h, base_w), device=device)
+
+
+@torch.no_grad()
+def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
+    """video [B, F, 3, H, W] in [0, 1] -> the VAE's latent distribution parameters [B, 2C, f, h, w] (mean, logvar)."""
+    x = (video.to(device=vae.device, dtype=vae.dtype) * 2 - 1).permute(0, 2, 1, 3, 4)
+    return vae.encode(x).latent_dist.parameters
+
+
+def sample_latents(params: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, 2C, f, h, w] distribution parameters -> scaled latents [B, f, C, h, w] float32 (noise from `generator`, on CPU)."""
+    mean, logvar = params.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    return ((mean + std * eps) * scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, captions: list[str], max_length: int) -> torch.Tensor:
+    """Captions -> T5 embeddings [B, max_length, D] (padded / truncated as CogVideoXPipeline does)."""
+    ids = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+class AlignedStudent(nn.Module):
+    """The trainable part: transformer + projector + grid aligner, one module so DDP / DeepSpeed / FSDP see all of it.
+
+    forward(noisy [B, f, C, h, w], prompt_embeds [B, L, D], timesteps [B], rotary, teacher_grid (T', H', W'))
+    -> (v prediction [B, f, C, h, w], aligned student tokens [B, T', H', W', Dt] or None).
+    """
+
+    def __init__(self, transformer: nn.Module, projector: nn.Module | None, aligner: nn.Module | None,
+                 align_layer: int | None):
+        super().__init__()
+        self.transformer = transformer
+        self.projector = projector
+        self.aligner = aligner
+        self.hook = capture_block(transformer, align_layer) if projector is not None else None
+
+    def forward(self, noisy, prompt_embeds, timesteps, rotary=None, teacher_grid=None):
+        out = self.transformer(hidden_states=noisy, encoder_hidden_states=prompt_embeds, timestep=timesteps,
+                               image_rotary_emb=rotary, return_dict=False)[0]
+        if self.hook is None:
+            return out, None
+        tokens = self.hook.pop()  # [B, f, h', w', D]
+        aligned = self.aligner(self.projector(tokens), teacher_grid)
+        return out, aligned
+
+
+def _looks_local(source: str) -> bool:
+    s = str(source)
+    return os.path.isabs(s) or s.startswith((".", "~")) or s.count("/") != 1 or os.path.exists(s)
+
+
+def _load(cls, source: str, what: str, **kwargs):
+    """`cls.from_pretrained(source, **kwargs)` with a clear error for a missing folder or an offline hub id."""
+    if _looks_local(source) and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"model folder {source} does not exist (model.pretrained must be a hub id like "
+                                "THUDM/CogVideoX-2b or a local folder written by CogVideoXPipeline.save_pretrained)")
+    try:
+        return cls.from_pretrained(str(Path(source).expanduser()) if _looks_local(source) else source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"could not load the {what} of {source}: {err}\nOffline, download the model on a machine with network "
+            "(`huggingface-cli download <id> --local-dir <folder>`), set model.pretrained to the folder and "
+            "HF_HUB_OFFLINE=1.") from err
+
+
+def _dtype(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+class VideoREPATrainer:
+    """Holds the models, data, optimizer and accelerator of one finetuning run; `train()` runs it."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        check_config(cfg)
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        cpu = not torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            cpu=cpu, project_config=ProjectConfiguration(project_dir=str(self.out)),
+        )
+        acc = self.accelerator
+        self.device = acc.device
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.weight_dtype = _dtype(cfg.mixed_precision)
+        set_seed(cfg.seed)  # same on every process: projector / LoRA initial weights agree
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1000003 * self.rank)  # noise, t, latents
+        self.step = 0  # optimizer steps done
+        self.position = 0  # micro-batches consumed (data position)
+        self.skipped: set[str] = set()
+        self.problems: list[str] = []
+        self._distributed_kind = acc.distributed_type.name if hasattr(acc.distributed_type, "name") else str(acc.distributed_type)
+
+        self._ensure_tiny_models()
+        self._load_models()
+        self._build_data()
+        self._build_student_and_optimizer()
+        acc.register_save_state_pre_hook(self._save_state_hook)
+        acc.register_load_state_pre_hook(self._load_state_hook)
+        if cfg.resume_from_checkpoint:
+            self._resume(cfg.resume_from_checkpoint)
+
+    # -- setup -------------------------------------------------------------------------------------
+    @property
+    def _sharded(self) -> bool:
+        return self._distributed_kind in ("DEEPSPEED", "FSDP")
+
+    def _ensure_tiny_models(self) -> None:
+        cfg = self.cfg
+        if not cfg.model.tiny:
+            return
+        from gendistill.video_distill.tiny import tiny_pipeline, tiny_videomae, _save_atomically
+
+        if self.accelerator.is_main_process:
+            pipe_dir = Path(cfg.model.pretrained)
+            if not pipe_dir.is_dir():
+                _save_atomically(tiny_pipeline(), pipe_dir)
+            if cfg.teacher.path and cfg.align.loss != "none" and not Path(cfg.teacher.path).exists():
+                _save_atomically(tiny_videomae(), Path(cfg.teacher.path))
+        self.accelerator.wait_for_everyone()
+
+    def _load_models(self) -> None:
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        cfg, dev, wd = self.cfg, self.device, self.weight_dtype
+        src = cfg.model.pretrained
+        kw = {"revision": cfg.model.revision} if cfg.model.revision else {}
+        vkw = dict(kw, **({"variant": cfg.model.variant} if cfg.model.variant else {}))
+        self.tokenizer = _load(AutoTokenizer, src, "tokenizer", subfolder="tokenizer", **kw)
+        self.text_encoder = _load(T5EncoderModel, src, "text encoder", subfolder="text_encoder", dtype=wd, **vkw)
+        self.vae = _load(AutoencoderKLCogVideoX, src, "VAE", subfolder="vae", dtype=wd, **vkw)
+        train_dtype = wd if cfg.training_type == "lora" else torch.float32  # LoRA: frozen base in low precision
+        self.transformer = _load(CogVideoXTransformer3DModel, src, "transformer", subfolder="transformer",
+                                 dtype=train_dtype, **vkw)
+        self.scheduler = _load(CogVideoXDPMScheduler, src, "scheduler", subfolder="scheduler", **kw)
+        if self.scheduler.config.prediction_type != "v_prediction":
+            raise ValueError(f"{src}: the scheduler predicts {self.scheduler.config.prediction_type!r}; "
+                             "the CogVideoX finetuning loss needs v_prediction")
+        for m in (self.text_encoder, self.vae):
+            m.requires_grad_(False).eval().to(dev)
+        if cfg.model.vae_slicing:
+            self.vae.enable_slicing()
+        if cfg.model.vae_tiling:
+            self.vae.enable_tiling()
+        self.transformer.to(dev)
+        n_blocks = len(self.transformer.transformer_blocks)
+        if cfg.align.loss != "none" and not 1 <= cfg.align.align_layer <= n_blocks:
+            raise ValueError(f"align.align_layer={cfg.align.align_layer} but the transformer has {n_blocks} blocks "
+                             "(1-based: 1..{n_blocks})".replace("{n_blocks}", str(n_blocks)))
+        self.vae_scale_spatial = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_temporal = self.vae.config.temporal_compression_ratio
+        self.text_length = self.transformer.config.max_text_seq_length
+        self.teacher = None
+        if cfg.align.loss != "none":
+            from gendistill.video_distill.teachers import load_teacher
+
+            t = cfg.teacher
+            self.teacher = load_teacher(t.name, t.path, num_frames=t.num_frames, frame_start=t.frame_start,
+                                        image_size=tuple(t.image_size), dtype=wd, **dict(t.options)).to(dev)
+
+    def _cache_settings(self) -> dict:
+        cfg = self.cfg
+        from gendistill.video_distill.data import model_identity
+
+        settings = {
+            "model": model_identity(cfg.model.pretrained, ("vae", "text_encoder", "tokenizer")),
+            "revision": cfg.model.revision, "num_frames": cfg.data.num_frames, "height": cfg.data.height,
+            "width": cfg.data.width, "sampling": cfg.data.frame_sampling, "text_length": self.text_length,
+            "dtype": str(self.weight_dtype), "teacher": None,
+        }
+        if self.teacher is not None:
+            t = cfg.teacher
+            settings["teacher"] = {"name": t.name, "id": model_identity(t.path) if t.path else None,
+                                   "num_frames": t.num_frames, "frame_start": t.frame_start,
+                                   "image_size": list(t.image_size), "options": dict(t.options)}
+        return settings
+
+    @torch.no_grad()
+    def _encode_clip_batch(self, video: torch.Tensor, captions: list[str]) -> dict:
+        """Frozen-model features of a batch: latent parameters, prompt embeddings, teacher tokens."""
+        out = {"latent_params": encode_video(self.vae, video),
+               "prompt_embeds": encode_prompts(self.tokenizer, self.text_encoder, captions, self.text_length)}
+        if self.teacher is not None:
+            out["teacher"] = self.teacher(video.to(self.device))
+        return out
+
+    def _precompute(self, clips):
+        """Fill the feature cache for `clips` (split across processes); return (clips, keys) that are cached."""
+        from gendistill.video_distill.data import FeatureCache, clip_fingerprint, load_clip
+
+        cfg, acc = self.cfg, self.accelerator
+        cache = FeatureCache(cfg.data.cache_dir or self.out / "cache")
+        settings = self._cache_settings()
+        keys = [clip_fingerprint(c, settings) for c in clips]
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        with acc.split_between_processes(todo) as mine:
+            for i in tqdm(mine, desc="precompute", unit="clip", disable=not acc.is_local_main_process):
+                try:
+                    video = load_clip(clips[i].video, cfg.data.num_frames, cfg.data.height, cfg.data.width,
+                                      cfg.data.frame_sampling)
+                except Exception as err:  # unreadable / too short: counted, never fatal
+                    logger.warning("skipping clip %s: %s", clips[i].video, err)
+                    continue
+                feats = self._encode_clip_batch(video[None], [clips[i].caption])
+                cache.save(keys[i], {k: v[0] for k, v in feats.items()})
+        acc.wait_for_everyone()
+        ok = [i for i, k in enumerate(keys) if k in cache]
+        self.skipped.update(str(clips[i].video) for i in range(len(clips)) if i not in set(ok))
+        if acc.is_main_process:
+            print(f"feature cache {cache.folder}/: {len(ok)} clips ready ({len(todo)} computed now, "
+                  f"{len(clips) - len(ok)} unreadable)")
+        if not ok:
+            raise ValueError("no clip could be read; see the warnings above")
+        return [clips[i] for i in ok], [keys[i] for i in ok], cache
+
+    def _build_data(self) -> None:
+        from torch.utils.data import DataLoader
+
+        from gendistill.video_distill.data import VideoClipDataset, collate_clips, discover_clips
+
+        cfg = self.cfg
+        clips, self.problems = discover_clips(cfg.data.path, cfg.data.root)
+        cache = keys = None
+        if cfg.data.cache:
+            clips, keys, cache = self._precompute(clips)
+        self.dataset = VideoClipDataset(clips, num_frames=cfg.data.num_frames, height=cfg.data.height,
+                                        width=cfg.data.width, sampling=cfg.data.frame_sampling, cache=cache, keys=keys)
+        self._collate = collate_clips
+        self._make_loader = lambda start: DataLoader(
+            self.dataset, batch_sampler=self._sampler(start), collate_fn=collate_clips,
+            num_workers=cfg.data.num_workers, persistent_workers=False)
+
+    def _sampler(self, start: int):
+        from gendistill.video_distill.data import ResumableBatchSampler
+
+        return ResumableBatchSampler(len(self.dataset), self.cfg.batch_size, num_replicas=self.world, rank=self.rank,
+                                     seed=self.cfg.seed, shuffle=self.cfg.data.shuffle, start=start)
+
+    def _build_student_and_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        cfg, acc = self.cfg, self.accelerator
+        tr = self.transformer
+        if cfg.training_type == "lora":
+            from peft import LoraConfig as PeftLoraConfig
+
+            tr.requires_grad_(False)
+            tr.add_adapter(PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                          init_lora_weights=True, target_modules=list(cfg.lora.target_modules)))
+            for p in tr.parameters():  # adapters train in float32 whatever the base's precision
+                if p.requires_grad:
+                    p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            tr.enable_gradient_checkpointing()
+        projector = aligner = None
+        if self.teacher is not None:
+            width = tr.config.num_attention_heads * tr.config.attention_head_dim
+            d_t = self.teacher.hidden_size
+            projector = Projector(width, d_t, hidden=cfg.align.projector_dim)
+            aligner = GridAligner(d_t, d_t, mode=cfg.align.downsampler, drop_first_frame=cfg.align.drop_first_frame,
+                                  kernel_size=cfg.align.kernel_size, temporal=cfg.align.temporal)
+        student = AlignedStudent(tr, projector, aligner, cfg.align.align_layer).to(self.device)
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+        # accelerate steps a prepared scheduler once per process per optimizer step
+        lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer,
+                                     num_warmup_steps=cfg.optim.warmup_steps * self.world,
+                                     num_training_steps=cfg.max_steps * self.world,
+                                     num_cycles=cfg.optim.num_cycles, power=cfg.optim.power)
+        if self._distributed_kind == "DEEPSPEED":
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
+        self.params = params
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first."""
+        if not self.checkpoint_root.is_dir():
+            return []
+        found = [p for p in self.checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+                 and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+    def _save_state_hook(self, models, weights, output_dir) -> None:
+        # keep only the trainable tensors (LoRA: the adapters; sft: everything) in model.safetensors
+        if self._sharded:
+            return
+        for i, model in enumerate(models):
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            if i < len(weights):
+                weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+    def _load_state_hook(self, models, input_dir) -> None:
+        if self._sharded:
+            return
+        from safetensors.torch import load_file
+
+        for i, model in enumerate(list(models)):
+            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+            state = load_file(os.path.join(input_dir, name), device=str(self.device))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            missing = sorted(set(missing) & trainable)
+            if missing or unexpected:
+                raise ValueError(f"checkpoint {input_dir} does not fit this model: missing {missing[:5]}, "
+                                 f"unexpected {sorted(unexpected)[:5]} (was it written with other settings?)")
+        models.clear()
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-<step> atomically (a temporary folder renamed once complete); keep the last K."""
+        acc = self.accelerator
+        final = self.checkpoint_root / f"checkpoint-{self.step}"
+        tmp = self.checkpoint_root / f".tmp-checkpoint-{self.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        torch.save({"generator": self.generator.get_state(), "position": self.position, "step": self.step,
+                    "skipped": sorted(self.skipped)}, tmp / f"trainer_state_{self.rank}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": self.step, "position": self.position, "num_processes": self.world,
+                 "training_type": self.cfg.training_type}, indent=2))
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in self.list_checkpoints()[: -self.cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _resume(self, which: str) -> None:
+        if which == "latest":
+            found = self.list_checkpoints()
+            if not found:
+                if self.accelerator.is_main_process:
+                    print(f"resume_from_checkpoint=latest: no checkpoint in {self.checkpoint_root}/, starting fresh")
+                return
+            path = found[-1]
+        else:
+            path = Path(which)
+            if not (path / "trainer_state.json").is_file():
+                raise FileNotFoundError(f"{path} is not a complete checkpoint folder (no trainer_state.json)")
+        meta = json.loads((path / "trainer_state.json").read_text())
+        if meta["num_processes"] != self.world:
+            raise ValueError(f"checkpoint {path} was written by {meta['num_processes']} processes, this run has "
+                             f"{self.world}; resume with the same number of processes")
+        self.accelerator.load_state(str(path))
+        state = torch.load(path / f"trainer_state_{self.rank}.pt", weights_only=False)
+        self.generator.set_state(state["generator"])
+        self.position, self.step = state["position"], state["step"]
+        self.skipped.update(state.get("skipped", []))
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} at step {self.step}")
+
+    # -- validation and export ---------------------------------------------------------------------
+    def _pipeline(self):
+        from diffusers import CogVideoXPipeline
+
+        scheduler = self.scheduler.__class__.from_config(self.scheduler.config)
+        pipe = CogVideoXPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                                 transformer=self.accelerator.unwrap_model(self.student).transformer,
+                                 scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def validate(self) -> list[Path]:
+        """Generate every validation prompt (split across processes); write validation/step-N_prompt-K.mp4."""
+        cfg, acc = self.cfg, self.accelerator
+        v = cfg.validation
+        if not v.prompts:
+            return []
+        if self._distributed_kind == "FSDP":
+            logger.warning("validation is not run under FSDP (sharded weights); generate from the export instead")
+            return []
+        transformer = acc.unwrap_model(self.student).transformer
+        was_training = transformer.training
+        transformer.eval()
+        pipe = self._pipeline()
+        written = []
+        with acc.split_between_processes(list(enumerate(v.prompts))) as mine:
+            for i, prompt in mine:
+                generator = torch.Generator(device=self.device).manual_seed(v.seed + i)
+                with acc.autocast():
+                    frames = pipe(prompt=prompt, num_frames=v.num_frames or cfg.data.num_frames,
+                                  height=v.height or cfg.data.height, width=v.width or cfg.data.width,
+                                  num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                                  generator=generator, output_type="np", max_sequence_length=self.text_length).frames[0]
+                path = self.out / "validation" / f"step-{self.step:06d}_prompt-{i:02d}.mp4"
+                write_video(path, frames, fps=v.fps)
+                written.append(path)
+        transformer.train(was_training)
+        acc.wait_for_everyone()
+        return written
+
+    def export(self, folder: str | os.PathLike | None = None) -> Path:
+        """Write the trained weights: LoRA (`pytorch_lora_weights.safetensors`) or `transformer/`, plus align heads."""
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        folder = Path(folder) if folder else self.out / "export"
+        state = acc.get_state_dict(self.student)  # every process takes part (gathers sharded weights)
+        if acc.is_main_process:
+            tmp = folder.parent / f".tmp-{folder.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            student = acc.unwrap_model(self.student)
+            tr_state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+            if self.cfg.training_type == "lora":
+                from diffusers import CogVideoXPipeline
+                from peft.utils import get_peft_model_state_dict
+
+                lora = get_peft_model_state_dict(student.transformer, state_dict=tr_state)
+                CogVideoXPipeline.save_lora_weights(
+                    tmp, transformer_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in lora.items()},
+                    transformer_lora_adapter_metadata=student.transformer.peft_config["default"].to_dict())
+            else:
+                transformer = student.transformer
+                if self._sharded:
+                    transformer = transformer.__class__.from_config(transformer.config)
+                    transformer.load_state_dict(tr_state)
+                transformer.save_pretrained(tmp / "transformer")
+            heads = {k: v.detach().float().cpu().contiguous() for k, v in state.items()
+                     if k.startswith(("projector.", "aligner."))}
+            if heads:
+                a = self.cfg.align
+                meta = {"align_layer": a.align_layer, "loss": a.loss, "d_in": str(student.projector.d_in),
+                        "d_out": str(student.projector.d_out), "hidden": str(student.projector.hidden),
+                        "downsampler": a.downsampler, "kernel_size": a.kernel_size,
+                        "drop_first_frame": a.drop_first_frame, "temporal": a.temporal, "teacher": self.cfg.teacher.name}
+                save_file(heads, str(tmp / "align_heads.safetensors"), metadata={k: str(v) for k, v in meta.items()})
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            old = folder.parent / f".old-{folder.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            if folder.exists():
+                os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return folder
+
+    # -- training ----------------------------------------------------------------------------------
+    def _batch_features(self, batch: dict, generator: torch.Generator) -> dict:
+        if "latent_params" in batch:  # from the cache
+            feats = {k: batch[k].to(self.device) for k in ("latent_params", "prompt_embeds", "teacher") if k in batch}
+        else:
+            feats = self._encode_clip_batch(batch["video"].to(self.device), batch["caption"])
+        feats["latents"] = sample_latents(feats["latent_params"], self.vae.config.scaling_factor, generator)
+        return feats
+
+    def compute_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch: {"loss", "diffusion", "align"} scalars (with graph when grad is enabled).
+
+        Latent samples, noise and timesteps come from `generator` (the trainer's own by default).
+        """
+        cfg = self.cfg
+        g = self.generator if generator is None else generator
+        feats = self._batch_features(batch, g)
+        latents = feats["latents"]
+        B, f, _, h, w = latents.shape
+        noise = torch.randn(latents.shape, generator=g).to(self.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), generator=g).to(self.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        rotary = rotary_embeddings(self.transformer.config, latent_frames=f, latent_height=h, latent_width=w,
+                                   device=self.device)
+        prompt_embeds = feats["prompt_embeds"].to(self.weight_dtype)
+        teacher = feats.get("teacher")
+        grid = tuple(teacher.shape[1:4]) if teacher is not None else None
+        pred, aligned = self.student(noisy, prompt_embeds, t, rotary, grid)
+        loss_diff = diffusion_loss(self.scheduler.alphas_cumprod, pred, noisy, latents, t)
+        loss_align = torch.zeros((), device=self.device)
+        if aligned is not None:
+            if cfg.align.loss == "trd":
+                loss_align = trd_loss(grid_to_tokens(aligned), grid_to_tokens(teacher.float()), margin=cfg.align.margin,
+                                      reduction=cfg.align.reduction, chunk_size=cfg.align.chunk_size)
+            else:
+                loss_align = repa_loss(aligned, teacher.float())
+        return {"loss": loss_diff + cfg.align.proj_coeff * loss_align, "diffusion": loss_diff, "align": loss_align}
+
+    def training_step(self, batch: dict) -> dict[str, float]:
+        """One micro-batch: forward, losses, backward; the optimizer steps when accumulation completes."""
+        cfg, acc = self.cfg, self.accelerator
+        with acc.accumulate(self.student):
+            losses = self.compute_losses(batch)
+            acc.backward(losses["loss"])
+            if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.position += 1
+        self.skipped.update(batch["skipped"])
+        return {k: v.item() for k, v in losses.items()}
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            path = self.out / "logs" / "train_log.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _total_skipped(self) -> int:
+        from accelerate.utils import gather_object
+
+        every = gather_object([sorted(self.skipped)]) if self.world > 1 else [sorted(self.skipped)]
+        return len({p for paths in every for p in paths})
+
+    def train(self) -> dict:
+        """Run until `max_steps` optimizer steps; checkpoint, validate, export. Returns a summary dict."""
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out / "config.yaml") as tmp:
+                tmp.write_text(to_yaml(cfg))
+            print(f"finetune ({cfg.training_type}, align {cfg.align.loss}): {len(self.dataset)} clips, "
+                  f"{self.n_trainable:,} trainable parameters, {self.world} process(es), output {self.out}/")
+        self.student.train()
+        history = []
+        start_time = time.perf_counter()
+        loader = iter(self._make_loader(self.position))
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="finetune", unit="step",
+                   disable=not acc.is_local_main_process)
+        accum: list[dict] = []
+        while self.step < cfg.max_steps:
+            metrics = self.training_step(next(loader))
+            accum.append(metrics)
+            if not acc.sync_gradients:
+                continue
+            self.step += 1
+            bar.update(1)
+            record = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]}
+            record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=len(self.skipped))
+            accum = []
+            for k in ("loss", "diffusion", "align"):
+                if not math.isfinite(record[k]):
+                    raise FloatingPointError(f"step {self.step}: {k} loss is {record[k]}")
+            history.append(record)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", align=f"{record['align']:.4f}")
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.save_checkpoint()
+            if cfg.validation.every and self.step % cfg.validation.every == 0:
+                self.validate()
+        bar.close()
+        elapsed = time.perf_counter() - start_time
+        export = self.export() if cfg.export else None
+        skipped = self._total_skipped()
+        if acc.is_main_process:
+            if skipped or self.problems:
+                print(f"skipped {skipped} unreadable clip(s) and {len(self.problems)} bad manifest entries "
+                      "(see the warnings)")
+            where = [f"checkpoints in {self.checkpoint_root}/"] if self.list_checkpoints() else []
+            if (self.out / "validation").is_dir():
+                where.append(f"validation videos in {self.out / 'validation'}/")
+            if export:
+                where.append(f"export in {export}/")
+            print(f"finetune done: step {self.step}; " + ", ".join(where or [f"log in {self.out / 'logs'}/"]))
+        return {"step": self.step, "history": history, "seconds": elapsed, "export": export,
+                "skipped": skipped, "problems": list(self.problems)}
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Build a `VideoREPATrainer` for `cfg` and train it; returns the summary dict."""
+    return VideoREPATrainer(cfg).train()

@@ -1,0 +1,298 @@
+"""VideoREPA finetuning on the tiny CogVideoX config: outputs, losses, resume, LoRA export, two CPU processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gendistill.config import ConfigError, load_config
+from gendistill.video_distill.tiny import write_tiny_models
+from gendistill.video_distill.trainer import FinetuneConfig, VideoREPATrainer, diffusion_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "video_distill" / "tiny_cpu.yaml"
+CLIPS = ROOT / "assets" / "clips"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+def tiny_cfg(tiny_models, out, *overrides):
+    base = [f"output_dir={out}", f"model.pretrained={tiny_models['cogvideox']}",
+            f"teacher.path={tiny_models['videomae']}", f"data.path={CLIPS}"]
+    return load_config(FinetuneConfig, TINY, base + list(overrides))
+
+
+def test_diffusion_loss_is_cogvideox_v_prediction_loss():
+    from diffusers import CogVideoXDPMScheduler
+
+    from gendistill.video_distill.tiny import tiny_scheduler
+
+    sched = tiny_scheduler()
+    assert isinstance(sched, CogVideoXDPMScheduler)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, v = (torch.randn(2, 3, 4, 5, 5, generator=g) for _ in range(3))
+    t = torch.tensor([10, 900])
+    xt = sched.add_noise(x0, noise, t)
+    ours = diffusion_loss(sched.alphas_cumprod, v, xt, x0, t)
+    # the diffusers CogVideoX script: x0_hat = scheduler.get_velocity(v, x_t, t), weights 1 / (1 - alpha_bar_t)
+    x0_hat = sched.get_velocity(v, xt, t)
+    w = (1 / (1 - sched.alphas_cumprod[t])).view(-1, 1, 1, 1, 1)
+    ref = (w * (x0_hat - x0) ** 2).reshape(2, -1).mean(1).mean()
+    torch.testing.assert_close(ours, ref.float())
+    # the true v gives x0 back exactly: zero loss
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    v_true = a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert float(diffusion_loss(sched.alphas_cumprod, v_true, xt, x0, t)) < 1e-9
+
+
+def test_tiny_run_writes_checkpoints_validation_and_export(tiny_models, tmp_path):
+    from diffusers import CogVideoXTransformer3DModel
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_models, out, "max_steps=6", "checkpoint.every=2", "checkpoint.keep=2", "validation.every=3")
+    trainer = VideoREPATrainer(cfg)
+    summary = trainer.train()
+    assert summary["step"] == 6 and len(summary["history"]) == 6
+    for rec in summary["history"]:
+        assert all(np.isfinite(rec[k]) for k in ("loss", "diffusion", "align"))
+        assert rec["align"] > 0 and rec["diffusion"] > 0
+        assert rec["loss"] == pytest.approx(rec["diffusion"] + 0.5 * rec["align"], rel=1e-5)
+    # the last two checkpoints kept, no temporary folders left
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    vids = sorted(p.name for p in (out / "validation").glob("*.mp4"))
+    assert vids == ["step-000003_prompt-00.mp4", "step-000006_prompt-00.mp4"]
+    from gendistill.core.media import read_video
+
+    assert read_video(out / "validation" / vids[0]).shape == (9, 32, 32, 3)
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    # full-finetune export: a transformer folder that from_pretrained loads, equal to the trained weights
+    loaded = CogVideoXTransformer3DModel.from_pretrained(out / "export" / "transformer")
+    trained = trainer.accelerator.unwrap_model(trainer.student).transformer.state_dict()
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, trained[k])
+    base = CogVideoXTransformer3DModel.from_pretrained(tiny_models["cogvideox"], subfolder="transformer")
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in loaded.state_dict().items())
+    heads = load_file(out / "export" / "align_heads.safetensors")
+    assert {"projector.0.weight", "projector.4.weight", "aligner.conv.weight"} <= set(heads)
+    assert heads["projector.4.weight"].shape == (16, 32)  # transformer width 32 -> teacher width 16
+
+
+def test_trd_falls_on_a_fixed_batch(tiny_models, tmp_path):
+    cfg = tiny_cfg(tiny_models, tmp_path / "run", "max_steps=30", "align.proj_coeff=1.0", "optim.warmup_steps=0",
+                   "gradient_checkpointing=false")
+    trainer = VideoREPATrainer(cfg)
+    batch = next(iter(trainer._make_loader(0)))
+
+    def trd_at_fixed_noise():
+        with torch.no_grad():
+            return np.mean([float(trainer.compute_losses(batch, torch.Generator().manual_seed(s))["align"])
+                            for s in range(4)])
+
+    before = trd_at_fixed_noise()
+    trds = [trainer.training_step(batch)["align"] for _ in range(30)]
+    after = trd_at_fixed_noise()
+    assert np.isfinite(trds).all()
+    print(f"TRD at fixed noise: before {before:.4f}, after {after:.4f}")
+    assert after < 0.7 * before, (before, after)
+    assert np.mean(trds[-5:]) < np.mean(trds[:5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training_type", ["sft", "lora"])
+def test_resume_at_step_10_matches_uninterrupted_run(tiny_models, tmp_path, training_type):
+    common = ("checkpoint.every=10", "validation.every=0", "export=false", f"training_type={training_type}")
+    full = VideoREPATrainer(tiny_cfg(tiny_models, tmp_path / "a", "max_steps=20", *common))
+    full.train()
+    VideoREPATrainer(tiny_cfg(tiny_models, tmp_path / "b", "max_steps=10", *common)).train()
+    resumed = VideoREPATrainer(tiny_cfg(tiny_models, tmp_path / "b", "max_steps=20", "resume_from_checkpoint=latest",
+                                        *common))
+    assert resumed.step == 10 and resumed.position == 10
+    resumed.train()
+    a = load_file(tmp_path / "a" / "checkpoints" / "checkpoint-20" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "checkpoint-20" / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # and the run really moved between step 10 and 20
+    a10 = load_file(tmp_path / "a" / "checkpoints" / "checkpoint-10" / "model.safetensors")
+    assert any(not torch.equal(a10[k], a[k]) for k in a)
+
+
+def test_lora_export_loads_into_pipeline_with_its_scale(tiny_models, tmp_path):
+    from diffusers import CogVideoXPipeline
+
+    out = tmp_path / "lora"
+    cfg = tiny_cfg(tiny_models, out, "training_type=lora", "max_steps=3", "optim.lr=3e-2", "optim.warmup_steps=0",
+                   "checkpoint.every=0", "validation.every=0", "lora.rank=4", "lora.alpha=2")
+    trainer = VideoREPATrainer(cfg)
+    trainer.train()
+    export = out / "export"
+    assert (export / "pytorch_lora_weights.safetensors").is_file()
+    lora_keys = load_file(export / "pytorch_lora_weights.safetensors").keys()
+    assert all(k.startswith("transformer.") and "lora_" in k for k in lora_keys)
+    assert any("to_out.0" in k for k in lora_keys)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 4, 8, 8, generator=g)
+    text = torch.randn(1, 16, 32, generator=g)
+    t = torch.tensor([500])
+
+    def run(transformer):
+        with torch.no_grad():
+            return transformer(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+
+    pipe = CogVideoXPipeline.from_pretrained(tiny_models["cogvideox"])
+    plain = run(pipe.transformer)
+    pipe.load_lora_weights(export)
+    with_lora = run(pipe.transformer)
+    trained = run(trainer.accelerator.unwrap_model(trainer.student).transformer.eval())
+    assert (with_lora - plain).abs().max() > 1e-4  # the LoRA changes the output...
+    torch.testing.assert_close(with_lora, trained, rtol=1e-4, atol=1e-5)  # ...exactly as trained (alpha / rank)
+    # `gendistill generate --lora` loads it the same way (folder or file)
+    from gendistill.video_distill.generate import load_pipeline
+
+    for lora in (export, export / "pytorch_lora_weights.safetensors"):
+        torch.testing.assert_close(run(load_pipeline(tiny_models["cogvideox"], lora=lora).transformer), trained,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [["align.loss=none"],
+                                     ["align.loss=repa", "align.downsampler=area", "align.drop_first_frame=false"]])
+def test_plain_and_repa_variants_run(tiny_models, tmp_path, variant):
+    cfg = tiny_cfg(tiny_models, tmp_path / "run", "max_steps=2", "checkpoint.every=0", "validation.every=0", *variant)
+    trainer = VideoREPATrainer(cfg)
+    summary = trainer.train()
+    last = summary["history"][-1]
+    if cfg.align.loss == "none":
+        assert trainer.teacher is None and last["align"] == 0.0 and last["loss"] == last["diffusion"]
+        assert not (tmp_path / "run" / "export" / "align_heads.safetensors").exists()
+    else:
+        assert -1.0 <= last["align"] <= 1.0 and last["loss"] == pytest.approx(last["diffusion"] + 0.5 * last["align"])
+
+
+def test_bad_input_messages(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        tiny_cfg(tiny_models, tmp_path, "optim.lrr=1")
+    cfg = tiny_cfg(tiny_models, tmp_path, "model.pretrained=" + str(tmp_path / "nowhere"), "model.tiny=false")
+    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+        VideoREPATrainer(cfg)
+    with pytest.raises(ValueError, match="align_layer=7 but the transformer has 3 blocks"):
+        VideoREPATrainer(tiny_cfg(tiny_models, tmp_path, "align.align_layer=7"))
+    with pytest.raises(ValueError, match="4k\\+1"):
+        VideoREPATrainer(tiny_cfg(tiny_models, tmp_path, "data.num_frames=8"))
+
+
+def test_cli_finetune_skips_bad_clips_and_goes_on(tiny_models, tmp_path, capsys):
+    """A manifest with a row pointing nowhere and a too-short video: both skipped, counted, the run completes."""
+    import shutil
+
+    from gendistill.core.media import write_video
+    from gendistill.video_distill.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("red_throw_right", "green_drop"):
+        shutil.copy(CLIPS / f"{name}.mp4", data / f"{name}.mp4")
+    write_video(data / "short.mp4", np.zeros((4, 32, 32, 3), np.uint8))
+    (data / "train.csv").write_text("video,caption\nred_throw_right.mp4,a red ball\nmissing.mp4,nothing\n"
+                                    "short.mp4,too short\ngreen_drop.mp4,a green ball\n")
+    rc = main(["finetune", "--config", str(TINY), f"output_dir={tmp_path / 'out'}",
+               f"model.pretrained={tiny_models['cogvideox']}", f"teacher.path={tiny_models['videomae']}",
+               f"data.path={data / 'train.csv'}", "max_steps=4", "checkpoint.every=0", "validation.every=0",
+               "export=false", "data.shuffle=false"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "skipped 1 unreadable clip(s) and 1 bad manifest entries" in text
+    log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and log[-1]["skipped"] == 1
+
+
+def test_cached_features_are_reused_and_keyed_by_settings(tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    common = ("data.cache=true", f"data.cache_dir={cache}", "checkpoint.every=0", "validation.every=0",
+              "export=false", "max_steps=2")
+    first = VideoREPATrainer(tiny_cfg(tiny_models, tmp_path / "a", *common))
+    n_files = len(list(cache.rglob("*.safetensors")))
+    assert n_files == 4
+    entry = first.dataset[0]
+    assert entry["latent_params"].shape == (8, 3, 8, 8)  # 2 x 4 channels, 3 latent frames, 8 x 8
+    assert entry["teacher"].shape == (4, 4, 4, 16)
+    assert entry["prompt_embeds"].shape == (16, 32)
+    first.train()
+    VideoREPATrainer(tiny_cfg(tiny_models, tmp_path / "b", *common))  # same settings: nothing new
+    assert len(list(cache.rglob("*.safetensors"))) == n_files
+    VideoREPATrainer(tiny_cfg(tiny_models, tmp_path / "c", *common, "teacher.frame_start=0"))  # teacher changed
+    assert len(list(cache.rglob("*.safetensors"))) == 2 * n_files
+
+
+_RANK_WEIGHTS = """
+import sys
+from safetensors.torch import save_file
+from gendistill.video_distill import cli, trainer as T
+
+train = T.VideoREPATrainer.train
+def train_and_dump(self):
+    out = train(self)
+    sd = self.accelerator.unwrap_model(self.student).state_dict()
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, f"{self.out}/weights_rank{self.rank}.safetensors")
+    return out
+T.VideoREPATrainer.train = train_and_dump
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_keep_identical_weights(tiny_models, tmp_path):
+    script = tmp_path / "run_rank.py"
+    script.write_text(_RANK_WEIGHTS)
+    out = tmp_path / "ddp"
+    args = ["finetune", "--config", str(TINY), f"output_dir={out}", f"model.pretrained={tiny_models['cogvideox']}",
+            f"teacher.path={tiny_models['videomae']}", f"data.path={CLIPS}", "max_steps=3", "checkpoint.every=3",
+            "validation.every=3", "validation.prompts=[a red ball,a blue ball]"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for attempt in range(2):  # a gloo rendezvous occasionally aborts on CPU: retry once on a fresh port
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(_free_port()), str(script), *args],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = (load_file(out / f"weights_rank{r}.safetensors") for r in (0, 1))
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0)
+    ckpt = out / "checkpoints" / "checkpoint-3"
+    assert (ckpt / "trainer_state_0.pt").is_file() and (ckpt / "trainer_state_1.pt").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["num_processes"] == 2
+    # the two validation prompts were split across the processes, both written
+    assert sorted(p.name for p in (out / "validation").glob("*.mp4")) == [
+        "step-000003_prompt-00.mp4", "step-000003_prompt-01.mp4"]
+    assert (out / "export" / "transformer" / "config.json").is_file()
+
+
+def test_rotary_transformer_like_cogvideox_5b_trains_and_validates(tmp_path):
+    models = write_tiny_models(tmp_path / "models", rotary=True)
+    cfg = tiny_cfg(models, tmp_path / "run", "max_steps=2", "checkpoint.every=0", "validation.every=2",
+                   "training_type=lora")
+    trainer = VideoREPATrainer(cfg)
+    assert trainer.transformer.config.use_rotary_positional_embeddings
+    summary = trainer.train()
+    assert all(np.isfinite(r["loss"]) for r in summary["history"])
+    assert (tmp_path / "run" / "validation" / "step-000002_prompt-00.mp4").is_file()

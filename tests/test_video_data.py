@@ -1,0 +1,165 @@
+"""Training clips (discovery, decoding, bad input, resumable batches, cache keys) and `gendistill generate`."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gendistill.core.media import read_video, write_video
+from gendistill.video_distill.data import (
+    Clip,
+    FeatureCache,
+    ResumableBatchSampler,
+    VideoClipDataset,
+    clip_fingerprint,
+    discover_clips,
+    load_clip,
+    resize_crop,
+    sample_frame_indices,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIPS = ROOT / "assets" / "clips"
+
+
+def test_shipped_clips_have_captions_and_frames():
+    clips, problems = discover_clips(CLIPS)
+    assert len(clips) == 4 and problems == []
+    assert all("ball" in c.caption and "bounces" in c.caption for c in clips)
+    video = read_video(clips[0].video)
+    assert video.shape == (25, 64, 64, 3)
+    assert sum(p.stat().st_size for p in CLIPS.iterdir()) < 100_000
+
+
+def test_folder_and_manifests_report_bad_entries(tmp_path):
+    shutil.copy(CLIPS / "green_drop.mp4", tmp_path / "a.mp4")
+    (tmp_path / "a.txt").write_text("a green ball\n")
+    shutil.copy(CLIPS / "green_drop.mp4", tmp_path / "no_caption.mp4")
+    clips, problems = discover_clips(tmp_path)
+    assert [c.video.name for c in clips] == ["a.mp4"] and clips[0].caption == "a green ball"
+    assert len(problems) == 1 and "no_caption.mp4" in problems[0] and "no caption" in problems[0]
+
+    (tmp_path / "m.csv").write_text("path,prompt\na.mp4,first\nmissing.mp4,second\n")
+    clips, problems = discover_clips(tmp_path / "m.csv")
+    assert [(c.video, c.caption) for c in clips] == [(tmp_path / "a.mp4", "first")]
+    assert "row 2" in problems[0] and "missing.mp4 does not exist" in problems[0]
+
+    (tmp_path / "m.json").write_text(json.dumps([{"video": str(tmp_path / "a.mp4"), "caption": "x"}]))
+    assert len(discover_clips(tmp_path / "m.json")[0]) == 1
+    (tmp_path / "m.jsonl").write_text(json.dumps({"file": "a.mp4", "text": "y"}) + "\n")
+    assert discover_clips(tmp_path / "m.jsonl")[0][0].caption == "y"
+
+    (tmp_path / "bad.csv").write_text("video,caption\nmissing.mp4,x\n")
+    with pytest.raises(ValueError, match="no usable clips.*missing.mp4"):
+        discover_clips(tmp_path / "bad.csv")
+    (tmp_path / "nocol.csv").write_text("clip,caption\na.mp4,x\n")
+    with pytest.raises(ValueError, match="no video column"):
+        discover_clips(tmp_path / "nocol.csv")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover_clips(tmp_path / "nowhere")
+
+
+def test_frame_sampling_and_resize_crop():
+    assert sample_frame_indices(25, 9) == [0, 3, 6, 9, 12, 15, 18, 21, 24]
+    assert sample_frame_indices(25, 4, "first") == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="has 5 frames, fewer than the 9 needed"):
+        sample_frame_indices(5, 9)
+    # a 40 x 80 frame to 20 x 20: scaled to 20 x 40, centre columns 10..30 kept
+    x = torch.arange(80.0).repeat(40, 1)[None, None].expand(1, 3, 40, 80) / 80
+    out = resize_crop(x, 20, 20)
+    assert out.shape == (1, 3, 20, 20)
+    assert 0.24 < float(out[0, 0, 0, 0]) < 0.28 and 0.72 < float(out[0, 0, 0, -1]) < 0.76
+    clip = load_clip(CLIPS / "red_throw_right.mp4", 9, 32, 48)
+    assert clip.shape == (9, 3, 32, 48) and 0 <= float(clip.min()) and float(clip.max()) <= 1
+
+
+def test_unreadable_or_short_video_is_skipped_with_a_warning(tmp_path, caplog):
+    write_video(tmp_path / "short.mp4", np.zeros((4, 32, 32, 3), np.uint8))
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    clips = [Clip(tmp_path / "short.mp4", "s"), Clip(tmp_path / "broken.mp4", "b"),
+             Clip(CLIPS / "green_drop.mp4", "g")]
+    with pytest.raises(ValueError, match="short.mp4 has 4 frames, fewer than the 9 needed"):
+        load_clip(clips[0].video, 9, 32, 32)
+    ds = VideoClipDataset(clips, num_frames=9, height=32, width=32)
+    with caplog.at_level("WARNING"):
+        item = ds[0]
+    assert item["index"] == 2 and item["caption"] == "g" and item["video"].shape == (9, 3, 32, 32)
+    assert item["skipped"] == [str(tmp_path / "short.mp4"), str(tmp_path / "broken.mp4")]
+    assert "short.mp4" in caplog.text and "broken.mp4" in caplog.text
+    with pytest.raises(RuntimeError, match="none of the 2 clips"):
+        VideoClipDataset(clips[:2], num_frames=9, height=32, width=32)[0]
+
+
+def test_batch_sampler_resumes_and_shards():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    full = take(ResumableBatchSampler(10, 2, seed=3), 12)  # 5 batches per epoch, 2+ epochs
+    assert take(ResumableBatchSampler(10, 2, seed=3, start=7), 5) == full[7:]
+    assert sorted(sum(full[:5], [])) == list(range(10)) and full[:5] != full[5:10]
+    r0 = take(ResumableBatchSampler(10, 2, num_replicas=2, rank=0, seed=3), 4)
+    r1 = take(ResumableBatchSampler(10, 2, num_replicas=2, rank=1, seed=3), 4)
+    assert not set(sum(r0[:2], [])) & set(sum(r1[:2], []))  # the processes read different clips
+    with pytest.raises(ValueError, match="3 usable clips are fewer than one global batch"):
+        ResumableBatchSampler(3, 2, num_replicas=2)
+
+
+def test_fingerprint_changes_with_content_caption_and_settings(tmp_path):
+    shutil.copy(CLIPS / "green_drop.mp4", tmp_path / "a.mp4")
+    clip = Clip(tmp_path / "a.mp4", "g")
+    settings = {"height": 32, "teacher": {"name": "videomae"}}
+    key = clip_fingerprint(clip, settings)
+    assert key == clip_fingerprint(Clip(tmp_path / "a.mp4", "g"), dict(settings))
+    assert key != clip_fingerprint(Clip(clip.video, "other"), settings)
+    assert key != clip_fingerprint(clip, {**settings, "height": 64})
+    assert key != clip_fingerprint(clip, {**settings, "teacher": {"name": "vjepa2"}})
+    shutil.copy(CLIPS / "red_throw_right.mp4", tmp_path / "a.mp4")  # same path, new content
+    assert key != clip_fingerprint(clip, settings)
+    cache = FeatureCache(tmp_path / "cache")
+    assert key not in cache and cache.load(key) is None
+    cache.save(key, {"x": torch.ones(2, 3)})
+    assert key in cache and torch.equal(cache.load(key)["x"], torch.ones(2, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):
+    from gendistill.video_distill.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny"))["cogvideox"]
+
+
+def test_generate_cli_writes_repeatable_videos(tiny_pipeline_dir, tmp_path, capsys):
+    from gendistill.video_distill.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# demo\na red ball bounces\n\na blue ball falls\n")
+    common = ["generate", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--steps", "2",
+              "--frames", "9", "--height", "32", "--width", "32", "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert "generated 2 video(s)" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.mp4"))
+    assert names == ["0000_a-red-ball-bounces.mp4", "0001_a-blue-ball-falls.mp4"]
+    assert main(common + ["--out", str(tmp_path / "b")]) == 0
+    for name in names:
+        a, b = read_video(tmp_path / "a" / name), read_video(tmp_path / "b" / name)
+        assert a.shape == (9, 32, 32, 3) and np.array_equal(a, b)  # seeded per prompt: the same video
+    assert not np.array_equal(read_video(tmp_path / "a" / names[0]), read_video(tmp_path / "a" / names[1]))
+
+
+def test_generate_bad_paths_are_clear(tiny_pipeline_dir, tmp_path, capsys):
+    from gendistill.video_distill.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a ball\n")
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompts", str(prompts), "--out", str(tmp_path)]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_pipeline_dir), "--prompts", str(tmp_path / "none.txt"),
+                 "--out", str(tmp_path)]) == 2
+    assert "prompts file" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_pipeline_dir), "--lora", str(tmp_path / "nolora"),
+                 "--prompts", str(prompts), "--out", str(tmp_path)]) == 2
+    assert "LoRA weights" in capsys.readouterr().err
