@@ -1,0 +1,448 @@
+"""The "cpu" render backend: tile-binned alpha compositing compiled with numba, with its own backward.
+
+Semantics are gsplat 1.5.3's `rasterize_to_pixels` (classic 3DGS, non-packed): Gaussians are binned
+into the tiles their `radii` box touches, every pixel of a touched tile evaluates them front to back
+by depth, alpha = min(0.999, o * exp(-sigma)), fragments with sigma < 0 or alpha < 1/255 are skipped,
+and a fragment that would bring the transmittance to 1e-4 or below ends the pixel uncomposited.
+
+How it runs on a CPU: every tile is processed Gaussian by Gaussian (not pixel by pixel), and for
+each Gaussian only the pixels inside the ellipse where alpha can reach 1/255 are visited: the row
+span and, per row, the column span come from solving the conic's quadratic, with margins far
+above rounding error so that the exact per-pixel test still decides every fragment. Along a row,
+sigma is quadratic in the column, so exp(-sigma) comes from two exponentials per row and products
+(relative error ~1e-15); forward and backward use the same spans and products, so they agree on
+which fragments count. Tiles are shared
+between the worker threads by a longest-job-first assignment; the backward pass gives each worker
+its own gradient buffer (no races, deterministic for a fixed thread count), summed at the end.
+Everything is computed in float64; outputs come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+__all__ = ["rasterize_to_pixels_cpu"]
+
+ALPHA_MIN = 1.0 / 255.0  # fragments with a smaller alpha are skipped
+ALPHA_MAX = 0.999  # alpha is clamped to this
+T_MIN = 1e-4  # a fragment that would bring T to this or below ends the pixel
+_LIM_MARGIN = 1e-6  # relative slack on the ellipse bound; the exact test decides inside it
+_SPAN_TOL = 1e-7  # relative slack (pixels) on the row and column spans, far above rounding errors
+_PD_MIN = 1e-6  # conics with det < this * a * c are scanned pixel by pixel (spans ill-conditioned)
+_NP = 8  # packed per-Gaussian record: x, y, a, b, c, opacity, sigma bound, positive-definite flag
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@njit(cache=True, inline="always")
+def _clamp_int(v, lo, hi):
+    """int(v) clamped to [lo, hi]; v a float that may be huge (or nan, which gives lo)."""
+    if v >= hi:
+        return hi
+    if v >= lo:
+        return int(v)
+    return lo
+
+
+@njit(cache=True, inline="always")
+def _row_span(rec, y0, y1):
+    """Rows [i0, i1) of the tile's [y0, y1) that can hold a fragment of Gaussian `rec`."""
+    if rec[7] == 0.0:
+        return y0, y1
+    a, b, c, lim = rec[2], rec[3], rec[4], rec[6]
+    ey = math.sqrt(2.0 * lim * a / (a * c - b * b))  # largest |dy| on the ellipse sigma = lim
+    tol = _SPAN_TOL * (1.0 + abs(rec[1]) + ey)
+    i0 = _clamp_int(math.ceil(rec[1] - 0.5 - ey - tol), y0, y1)  # rows i with |my - (i + .5)| <= ey
+    i1 = _clamp_int(math.floor(rec[1] - 0.5 + ey + tol) + 1.0, y0, y1)
+    return i0, i1
+
+
+@njit(cache=True, inline="always")
+def _row_setup(rec, dy, x0, x1):
+    """Columns [j0, j1) of the tile's [x0, x1) that can hold a fragment in the row at offset dy, and
+    exp(-sigma) along it as products: e = exp(-sigma(j0)) and h = e(j0+1) / e(j0); each next h is
+    h * exp(-a), sigma being quadratic in j. `recur` is False when exp(-sigma) must be computed per
+    pixel instead (indefinite conic, short row, or one so steep that the products could overflow)."""
+    if rec[7] == 0.0:
+        return x0, x1, 0.0, 0.0, False
+    mx, a, b, c, lim = rec[0], rec[2], rec[3], rec[4], rec[6]
+    disc = (b * b - a * c) * dy * dy + 2.0 * a * lim
+    if disc < 0.0:
+        return x0, x0, 0.0, 0.0, False
+    half = math.sqrt(disc) / a
+    jc = mx - 0.5 + b * dy / a  # column of the row's sigma minimum; sigma <= lim within +- half
+    tol = _SPAN_TOL * (1.0 + abs(jc) + half)
+    j0 = _clamp_int(math.ceil(jc - half - tol), x0, x1)
+    j1 = _clamp_int(math.floor(jc + half + tol) + 1.0, x0, x1)
+    dx = mx - (j0 + 0.5)
+    step = 0.5 * a - a * dx - b * dy  # sigma(j0 + 1) - sigma(j0)
+    if j1 - j0 < 3 or a * (j1 - j0) + abs(step) > 60.0:
+        return j0, j1, 0.0, 0.0, False
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    return j0, j1, math.exp(-sigma), math.exp(-step), True
+
+
+@njit(cache=True)
+def _bin(rects, order, n_cams, n_gauss, tiles_w, n_tiles):
+    """Per-tile lists of Gaussians, front to back.
+
+    rects: [C*N, 4] int32 tile box (tx0, ty0, tx1, ty1), exclusive ends; empty for skipped Gaussians.
+    order: [C, N] int64 per-camera depth order (stable for ties).
+    Returns offsets [C*n_tiles + 1] int64 and ids [n_isects] int32 (flat index c*N + n).
+    """
+    offsets = np.zeros(n_cams * n_tiles + 1, np.int64)
+    for g in range(n_cams * n_gauss):
+        base = (g // n_gauss) * n_tiles + 1
+        for ty in range(rects[g, 1], rects[g, 3]):
+            for tx in range(rects[g, 0], rects[g, 2]):
+                offsets[base + ty * tiles_w + tx] += 1
+    for t in range(n_cams * n_tiles):
+        offsets[t + 1] += offsets[t]
+    ids = np.empty(offsets[-1], np.int32)
+    cursor = offsets[:-1].copy()
+    for c in range(n_cams):
+        for k in range(n_gauss):
+            g = c * n_gauss + order[c, k]
+            base = c * n_tiles
+            for ty in range(rects[g, 1], rects[g, 3]):
+                for tx in range(rects[g, 0], rects[g, 2]):
+                    t = base + ty * tiles_w + tx
+                    ids[cursor[t]] = g
+                    cursor[t] += 1
+    return offsets, ids
+
+
+@njit(cache=True)
+def _assign(offsets, n_workers):
+    """Longest-first assignment of all tiles to workers (cost ~ list length); returns (tile ids, ptr)."""
+    n = offsets.shape[0] - 1
+    cost = offsets[1:] - offsets[:-1]
+    tiles = np.argsort(-cost, kind="mergesort")
+    load = np.zeros(n_workers, np.int64)
+    owner = np.empty(n, np.int64)
+    for t in tiles:
+        w = np.argmin(load)
+        owner[t] = w
+        load[w] += cost[t] + 16  # + a per-tile constant for the pixel writes
+    ptr = np.zeros(n_workers + 1, np.int64)
+    for t in range(n):
+        ptr[owner[t] + 1] += 1
+    for w in range(n_workers):
+        ptr[w + 1] += ptr[w]
+    out = np.empty(n, np.int64)
+    fill = ptr[:-1].copy()
+    for t in tiles:  # costliest first inside each worker
+        out[fill[owner[t]]] = t
+        fill[owner[t]] += 1
+    return out, ptr
+
+
+@njit(cache=True, parallel=True)
+def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
+             render, trans, last):
+    """Composite every tile. Writes render [C,H,W,D], trans [C,H,W] (final T), last [C,H,W] int32."""
+    dim = colors.shape[1]
+    npix = tile_size * tile_size
+    for w in prange(ptr.shape[0] - 1):
+        t_buf = np.empty(npix)
+        acc = np.empty((npix, dim))
+        lst = np.empty(npix, np.int32)
+        done = np.empty(npix, np.bool_)
+        for q in range(ptr[w], ptr[w + 1]):
+            tile = work[q]
+            cam = tile // n_tiles
+            ty = (tile % n_tiles) // tiles_w
+            tx = (tile % n_tiles) % tiles_w
+            x0 = tx * tile_size
+            y0 = ty * tile_size
+            x1 = min(x0 + tile_size, width)
+            y1 = min(y0 + tile_size, height)
+            bw = x1 - x0
+            n_here = bw * (y1 - y0)
+            t_buf[:n_here] = 1.0
+            acc[:n_here] = 0.0
+            lst[:n_here] = -1
+            done[:n_here] = False
+            n_done = 0
+            start = offsets[tile]
+            for k in range(start, offsets[tile + 1]):
+                if n_done == n_here:
+                    break
+                g = ids[k]
+                rec = recs[g]
+                if rec[6] < 0.0:
+                    continue
+                mx, my, a, b, c, opac = rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]
+                qq = math.exp(-a) if rec[7] != 0.0 else 0.0
+                i0, i1 = _row_span(rec, y0, y1)
+                for i in range(i0, i1):
+                    dy = my - (i + 0.5)
+                    j0, j1, e, h, recur = _row_setup(rec, dy, x0, x1)
+                    for j in range(j0, j1):
+                        vis = e
+                        e *= h
+                        h *= qq
+                        p = (i - y0) * bw + (j - x0)
+                        if done[p]:
+                            continue
+                        dx = mx - (j + 0.5)
+                        sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+                        if sigma < 0.0:
+                            continue
+                        if not recur:
+                            vis = math.exp(-sigma)
+                        alpha = min(ALPHA_MAX, opac * vis)
+                        if alpha < ALPHA_MIN:
+                            continue
+                        t_now = t_buf[p]
+                        t_next = t_now * (1.0 - alpha)
+                        if t_next <= T_MIN:
+                            done[p] = True
+                            n_done += 1
+                            continue
+                        vis = alpha * t_now
+                        for d in range(dim):
+                            acc[p, d] += colors[g, d] * vis
+                        t_buf[p] = t_next
+                        lst[p] = k - start
+            for i in range(y0, y1):
+                for j in range(x0, x1):
+                    p = (i - y0) * bw + (j - x0)
+                    t_fin = t_buf[p]
+                    for d in range(dim):
+                        render[cam, i, j, d] = acc[p, d] + t_fin * bgs[cam, d]
+                    trans[cam, i, j] = t_fin
+                    last[cam, i, j] = lst[p]
+
+
+@njit(cache=True, parallel=True)
+def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
+              trans, last, v_render, v_alpha_out, grads):
+    """Back-to-front pass per tile; grads [n_workers, C*N, 6 + D] gets, per worker, the sums of
+    d/d(x, y, a, b, c, opacity, colour...) over the pixels that worker handled."""
+    dim = colors.shape[1]
+    npix = tile_size * tile_size
+    for w in prange(ptr.shape[0] - 1):
+        gw = grads[w]
+        t_cur = np.empty(npix)
+        t_fin = np.empty(npix)
+        lst = np.empty(npix, np.int32)
+        vrc = np.empty((npix, dim))
+        vra = np.empty(npix)
+        bgdot = np.empty(npix)
+        behind = np.empty((npix, dim))  # colour composited behind the current fragment
+        loc = np.empty(dim)
+        for q in range(ptr[w], ptr[w + 1]):
+            tile = work[q]
+            cam = tile // n_tiles
+            ty = (tile % n_tiles) // tiles_w
+            tx = (tile % n_tiles) % tiles_w
+            x0 = tx * tile_size
+            y0 = ty * tile_size
+            x1 = min(x0 + tile_size, width)
+            y1 = min(y0 + tile_size, height)
+            bw = x1 - x0
+            k_max = -1
+            for i in range(y0, y1):
+                for j in range(x0, x1):
+                    p = (i - y0) * bw + (j - x0)
+                    t_fin[p] = trans[cam, i, j]
+                    t_cur[p] = t_fin[p]
+                    lst[p] = last[cam, i, j]
+                    k_max = max(k_max, lst[p])
+                    vra[p] = v_alpha_out[cam, i, j]
+                    s = 0.0
+                    for d in range(dim):
+                        vrc[p, d] = v_render[cam, i, j, d]
+                        behind[p, d] = 0.0
+                        s += bgs[cam, d] * vrc[p, d]
+                    bgdot[p] = s
+            start = offsets[tile]
+            for kk in range(k_max, -1, -1):
+                g = ids[start + kk]
+                rec = recs[g]
+                if rec[6] < 0.0:
+                    continue
+                mx, my, a, b, c, opac = rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]
+                qq = math.exp(-a) if rec[7] != 0.0 else 0.0
+                loc[:dim] = 0.0
+                gx = gy = ga = gb = gc = go = 0.0
+                hit = False
+                i0, i1 = _row_span(rec, y0, y1)
+                for i in range(i0, i1):
+                    dy = my - (i + 0.5)
+                    j0, j1, e, h, recur = _row_setup(rec, dy, x0, x1)
+                    for j in range(j0, j1):
+                        vis = e
+                        e *= h
+                        h *= qq
+                        p = (i - y0) * bw + (j - x0)
+                        if kk > lst[p]:
+                            continue
+                        dx = mx - (j + 0.5)
+                        sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+                        if sigma < 0.0:
+                            continue
+                        if not recur:
+                            vis = math.exp(-sigma)
+                        alpha = min(ALPHA_MAX, opac * vis)
+                        if alpha < ALPHA_MIN:
+                            continue
+                        hit = True
+                        ra = 1.0 / (1.0 - alpha)
+                        t = t_cur[p] * ra  # transmittance in front of this fragment
+                        t_cur[p] = t
+                        fac = alpha * t
+                        v_alpha = (t_fin[p] * ra) * (vra[p] - bgdot[p])
+                        for d in range(dim):
+                            loc[d] += fac * vrc[p, d]
+                            v_alpha += (colors[g, d] * t - behind[p, d] * ra) * vrc[p, d]
+                            behind[p, d] += colors[g, d] * fac
+                        if opac * vis <= ALPHA_MAX:
+                            v_sigma = -opac * vis * v_alpha
+                            gx += v_sigma * (a * dx + b * dy)
+                            gy += v_sigma * (b * dx + c * dy)
+                            ga += 0.5 * v_sigma * dx * dx
+                            gb += v_sigma * dx * dy
+                            gc += 0.5 * v_sigma * dy * dy
+                            go += vis * v_alpha
+                if hit:
+                    gw[g, 0] += gx
+                    gw[g, 1] += gy
+                    gw[g, 2] += ga
+                    gw[g, 3] += gb
+                    gw[g, 4] += gc
+                    gw[g, 5] += go
+                    for d in range(dim):
+                        gw[g, 6 + d] += loc[d]
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _pack(means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray) -> np.ndarray:
+    """[M,2], [M,3], [M] float64 -> [M, 8] records (x, y, a, b, c, o, sigma bound, pd flag)."""
+    recs = np.zeros((means2d.shape[0], _NP))
+    recs[:, 0:2] = means2d
+    recs[:, 2:5] = conics
+    recs[:, 5] = opacities
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lim = np.log(255.0 * opacities)
+    lim = np.where(opacities > 0, lim + _LIM_MARGIN * (1.0 + np.abs(lim)), -np.inf)
+    recs[:, 6] = np.where(np.isnan(lim), -np.inf, lim)  # sigma >= 0 always, so lim < 0: never drawn
+    a, b, c = conics[:, 0], conics[:, 1], conics[:, 2]
+    recs[:, 7] = (a > 0) & (c > 0) & (a * c - b * b > _PD_MIN * a * c)
+    return recs
+
+
+def _tile_rects(means2d: torch.Tensor, radii: torch.Tensor, tile_size: int, tiles_w: int, tiles_h: int):
+    """[C,N,2] means and int radii -> [C*N, 4] int32 tile boxes, in the input dtype as gsplat does."""
+    r = radii.to(means2d.dtype) / tile_size
+    t = means2d / tile_size
+    lo = torch.floor(t - r)
+    hi = torch.ceil(t + r)
+    lim = means2d.new_tensor([tiles_w, tiles_h])
+    lo = torch.minimum(lo.clamp_min(0), lim)
+    hi = torch.minimum(hi.clamp_min(0), lim)
+    box = torch.cat([lo, hi], -1).nan_to_num(0.0).to(torch.int32)
+    box[(radii <= 0).any(-1)] = 0
+    return box.reshape(-1, 4).numpy()
+
+
+def _f64(x: torch.Tensor) -> np.ndarray:
+    """A tensor as a C-contiguous float64 numpy array (a copy unless it already is one)."""
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float64)
+
+
+class _RasterizeCPU(torch.autograd.Function):
+    """Forward: bin, composite. Backward: one back-to-front pass per tile, per-worker gradient sums."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, colors, opacities, backgrounds, depths, radii, width, height, tile_size):
+        n_cams, n_gauss, dim = colors.shape
+        tiles_w, tiles_h = -(-width // tile_size), -(-height // tile_size)
+        n_tiles = tiles_w * tiles_h
+        recs = _pack(_f64(means2d).reshape(-1, 2), _f64(conics).reshape(-1, 3), _f64(opacities).reshape(-1))
+        cols = _f64(colors).reshape(-1, dim)
+        bgs = np.zeros((n_cams, dim)) if backgrounds is None else _f64(backgrounds).reshape(n_cams, dim)
+        rects = _tile_rects(means2d.detach().cpu(), radii.detach().cpu(), tile_size, tiles_w, tiles_h)
+        order = np.argsort(depths.detach().cpu().numpy(), axis=-1, kind="stable").astype(np.int64)
+        offsets, ids = _bin(rects, order.reshape(n_cams, n_gauss), n_cams, n_gauss, tiles_w, n_tiles)
+        work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
+        binned = (recs, cols, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles)
+
+        render = np.empty((n_cams, height, width, dim))
+        trans = np.empty((n_cams, height, width))
+        last = np.empty((n_cams, height, width), np.int32)
+        _forward(*binned, render, trans, last)
+
+        ctx.binned, ctx.trans, ctx.last = binned, trans, last
+        ctx.has_bg = backgrounds is not None
+        ctx.like = [(t.dtype, t.device) for t in (means2d, conics, colors, opacities)]
+        if ctx.has_bg:
+            ctx.like.append((backgrounds.dtype, backgrounds.device))
+        dtype, device = colors.dtype, colors.device
+        alphas = torch.from_numpy(1.0 - trans).unsqueeze(-1)
+        return torch.from_numpy(render).to(device, dtype), alphas.to(device, dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, v_render, v_alphas):
+        binned, trans = ctx.binned, ctx.trans
+        n_workers = binned[6].shape[0] - 1
+        n_cams, height, width = trans.shape
+        n_gauss = binned[0].shape[0] // n_cams
+        dim = binned[1].shape[1]
+        v_r = _f64(v_render)
+        grads = np.zeros((n_workers, n_cams * n_gauss, 6 + dim))
+        _backward(*binned, trans, ctx.last, v_r, _f64(v_alphas).reshape(trans.shape), grads)
+        g = torch.from_numpy(grads.sum(0) if n_workers > 1 else grads[0]).reshape(n_cams, n_gauss, 6 + dim)
+        out = [g[..., 0:2], g[..., 2:5], g[..., 6:], g[..., 5]]
+        if ctx.has_bg:
+            out.append(torch.from_numpy(np.einsum("chwd,chw->cd", v_r, trans)))
+        out = [t.to(device, dtype) for t, (dtype, device) in zip(out, ctx.like)]
+        if not ctx.has_bg:
+            out.append(None)
+        return (*out, None, None, None, None, None)
+
+
+def rasterize_to_pixels_cpu(means2d: torch.Tensor, conics: torch.Tensor, colors: torch.Tensor,
+                            opacities: torch.Tensor, depths: torch.Tensor, radii: torch.Tensor,
+                            width: int, height: int, backgrounds: torch.Tensor | None = None,
+                            tile_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Composite projected Gaussians into images on the CPU (numba), differentiably.
+
+    Args:
+        means2d: [C, N, 2] pixel-space centres (x right, y down; pixel (j, i) has centre (j+.5, i+.5)).
+        conics: [C, N, 3] inverse 2D covariances (00, 01, 11).
+        colors: [C, N, D] features, any D.
+        opacities: [C, N].
+        depths: [C, N] sort keys (front to back, ties by index).
+        radii: [C, N, 2] int32 pixel extents; a Gaussian with a radius <= 0 is skipped.
+        width, height: image size in pixels.
+        backgrounds: [C, D] or None (black).
+        tile_size: tile edge in pixels; sets which Gaussians each pixel evaluates, as in gsplat.
+    Returns:
+        render [C, H, W, D] and alphas [C, H, W, 1], in the dtype of `colors`; gradients flow to
+        means2d, conics, colors, opacities and backgrounds.
+    """
+    if radii.dim() == 2:
+        radii = radii.unsqueeze(-1).expand(*radii.shape, 2)
+    n_cams, n_gauss = opacities.shape
+    if means2d.shape != (n_cams, n_gauss, 2) or conics.shape != (n_cams, n_gauss, 3):
+        raise ValueError(f"means2d {tuple(means2d.shape)} / conics {tuple(conics.shape)} do not match "
+                         f"opacities {tuple(opacities.shape)}")
+    if colors.shape[:2] != (n_cams, n_gauss) or depths.shape != (n_cams, n_gauss):
+        raise ValueError(f"colors {tuple(colors.shape)} / depths {tuple(depths.shape)} do not match [C, N]")
+    if backgrounds is not None and backgrounds.shape != (n_cams, colors.shape[-1]):
+        raise ValueError(f"backgrounds must be [C, D] = {(n_cams, colors.shape[-1])}, got {tuple(backgrounds.shape)}")
+    if int(tile_size) <= 0:
+        raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+    return _RasterizeCPU.apply(means2d, conics, colors, opacities, backgrounds, depths, radii,
+                               int(width), int(height), int(tile_size))

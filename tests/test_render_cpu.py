@@ -1,0 +1,212 @@
+"""The "cpu" compositor (numba) against a dense float64 compositor written here, on 2D inputs."""
+
+import math
+
+import numba
+import pytest
+import torch
+
+from gendistill.core.render.cpu_backend import rasterize_to_pixels_cpu
+
+
+def dense_composite(means2d, conics, colors, opacities, depths, radii, width, height, backgrounds, tile_size):
+    """gsplat 1.5.3 compositing by brute force: every Gaussian against every pixel, differentiable.
+
+    Shapes as `rasterize_to_pixels_cpu`; returns render [C,H,W,D], alphas [C,H,W,1].
+    """
+    n_cams, n_gauss, dim = colors.shape
+    dt = colors.dtype
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    px, py = xs.to(dt) + 0.5, ys.to(dt) + 0.5
+    tile_x, tile_y = xs // tile_size, ys // tile_size
+    tiles_w, tiles_h = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    renders, alphas = [], []
+    for c in range(n_cams):
+        trans = torch.ones(height, width, dtype=dt)
+        acc = torch.zeros(height, width, dim, dtype=dt)
+        alive = torch.ones(height, width, dtype=torch.bool)
+        for n in torch.argsort(depths[c], stable=True).tolist():
+            rx, ry = radii[c, n].tolist()
+            if rx <= 0 or ry <= 0:
+                continue
+            x, y = means2d[c, n].detach().tolist()
+            tx0 = min(max(math.floor(x / tile_size - rx / tile_size), 0), tiles_w)
+            tx1 = min(max(math.ceil(x / tile_size + rx / tile_size), 0), tiles_w)
+            ty0 = min(max(math.floor(y / tile_size - ry / tile_size), 0), tiles_h)
+            ty1 = min(max(math.ceil(y / tile_size + ry / tile_size), 0), tiles_h)
+            cover = (tile_x >= tx0) & (tile_x < tx1) & (tile_y >= ty0) & (tile_y < ty1)
+            dx, dy = means2d[c, n, 0] - px, means2d[c, n, 1] - py
+            a, b, cc = conics[c, n]
+            sigma = 0.5 * (a * dx * dx + cc * dy * dy) + b * dx * dy
+            alpha = torch.clamp(opacities[c, n] * torch.exp(-sigma), max=0.999)
+            ok = cover & alive & (sigma >= 0) & (alpha >= 1.0 / 255.0)
+            t_next = trans * (1 - alpha)
+            end = ok & (t_next <= 1e-4)
+            comp = ok & ~end
+            acc = acc + torch.where(comp, alpha * trans, 0.0)[..., None] * colors[c, n]
+            trans = torch.where(comp, t_next, trans)
+            alive = alive & ~end
+        bg = backgrounds[c] if backgrounds is not None else torch.zeros(dim, dtype=dt)
+        renders.append(acc + trans[..., None] * bg)
+        alphas.append(1 - trans[..., None])
+    return torch.stack(renders), torch.stack(alphas)
+
+
+def random_scene(n_cams, n_gauss, dim, width, height, *, seed=0, dtype=torch.float64, non_pd=0.0,
+                 max_opacity=1.0, scale=(1.0, 8.0)):
+    """Random 2D Gaussians, some centred outside the image, some with zero radii, some equal depths."""
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    means2d = torch.stack([u(n_cams, n_gauss) * (width + 16) - 8, u(n_cams, n_gauss) * (height + 16) - 8], -1)
+    s = scale[0] + u(n_cams, n_gauss, 2) * (scale[1] - scale[0])
+    th = u(n_cams, n_gauss) * math.pi
+    cos, sin = torch.cos(th), torch.sin(th)
+    # conic = R diag(1/s^2) R^T
+    ia, ib = 1 / s[..., 0] ** 2, 1 / s[..., 1] ** 2
+    conics = torch.stack([cos * cos * ia + sin * sin * ib, cos * sin * (ia - ib), sin * sin * ia + cos * cos * ib], -1)
+    if non_pd:
+        flip = u(n_cams, n_gauss) < non_pd
+        conics[..., 1] = torch.where(flip, 2.0 * (conics[..., 0] * conics[..., 2]).sqrt() + 0.05, conics[..., 1])
+    colors = u(n_cams, n_gauss, dim)
+    opacities = 0.02 + u(n_cams, n_gauss) * (max_opacity - 0.02)
+    depths = torch.floor(u(n_cams, n_gauss) * n_gauss / 3)  # many ties
+    radii = torch.ceil(3 * s.max(-1, keepdim=True).values * (0.5 + u(n_cams, n_gauss, 1))).expand(-1, -1, 2)
+    radii = radii.to(torch.int32).contiguous()
+    radii[u(n_cams, n_gauss) < 0.1] = 0
+    backgrounds = u(n_cams, dim)
+    out = means2d, conics, colors, opacities, depths, radii, backgrounds
+    return tuple(x.to(dtype) if x.is_floating_point() else x for x in out)
+
+
+def call_both(scene, width, height, use_bg, tile_size):
+    means2d, conics, colors, opacities, depths, radii, bg = scene
+    bg = bg if use_bg else None
+    ours = rasterize_to_pixels_cpu(means2d, conics, colors, opacities, depths, radii, width, height, bg, tile_size)
+    ref = dense_composite(means2d, conics, colors, opacities, depths, radii, width, height, bg, tile_size)
+    return ours, ref
+
+
+@pytest.mark.parametrize("dim,use_bg,tile_size", [(1, False, 16), (3, True, 16), (7, True, 8), (3, False, 5)])
+def test_forward_matches_dense(dim, use_bg, tile_size):
+    width, height = 45, 37  # partial tiles on the right and bottom
+    scene = random_scene(3, 60, dim, width, height, seed=dim, non_pd=0.1)
+    (r, a), (rr, ra) = call_both(scene, width, height, use_bg, tile_size)
+    assert r.shape == (3, height, width, dim) and a.shape == (3, height, width, 1)
+    assert r.dtype == torch.float64
+    assert (r - rr).abs().max() < 1e-9
+    assert (a - ra).abs().max() < 1e-9
+    assert ra.max() > 0.9 and ra.std() > 0.1  # a non-trivial image
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_thin_large_and_tiny_ellipses(seed):
+    """Needle-thin, huge and sub-pixel Gaussians: the span bounds of the kernel must not drop fragments."""
+    width, height = 50, 41
+    scene = list(random_scene(1, 150, 3, width, height, seed=seed, scale=(0.2, 30.0)))
+    scene[5] = torch.full_like(scene[5], 40)  # radii covering everything: every fragment is tested
+    (r, a), (rr, ra) = call_both(tuple(scene), width, height, True, 16)
+    assert (r - rr).abs().max() < 1e-9 and (a - ra).abs().max() < 1e-9
+
+
+def test_transmittance_cutoff_and_clamp():
+    """Opaque stacks end pixels (the ending fragment is not composited); opacity 1 at a pixel centre clamps."""
+    width, height = 24, 20
+    means2d, conics, colors, opacities, depths, radii, bg = random_scene(2, 50, 3, width, height, seed=3, scale=(4, 10))
+    opacities = torch.full_like(opacities, 0.97)
+    opacities[:, :10] = 1.0
+    means2d[:, :10] = torch.floor(means2d[:, :10]) + 0.5  # exactly on pixel centres: alpha clamps to 0.999
+    scene = means2d, conics, colors, opacities, depths, radii, bg
+    (r, a), (rr, ra) = call_both(scene, width, height, True, 8)
+    assert (r - rr).abs().max() < 1e-9 and (a - ra).abs().max() < 1e-9
+    t = 1 - a
+    assert ((t > 1e-4) & (t < 1e-3)).sum() > 10  # pixels that ended just above the cut-off
+    assert t.min() > 1e-4
+    assert_grads_match(scene, width, height, 8)  # zero gradient through the 0.999 clamp, as gsplat
+
+
+def test_empty_and_fully_skipped():
+    means2d, conics, colors, opacities, depths, radii, bg = random_scene(2, 5, 3, 10, 10, seed=1)
+    r, a = rasterize_to_pixels_cpu(means2d, conics, colors, opacities, depths, torch.zeros_like(radii), 10, 10, bg)
+    assert torch.equal(r, bg[:, None, None].expand(2, 10, 10, 3)) and a.abs().max() == 0
+    e = lambda *s: torch.zeros(2, 0, *s, dtype=torch.float64)  # noqa: E731
+    r, a = rasterize_to_pixels_cpu(e(2), e(3), e(3), e(), e(), torch.zeros(2, 0, 2, dtype=torch.int32), 10, 10)
+    assert r.shape == (2, 10, 10, 3) and r.abs().max() == 0 and a.abs().max() == 0
+
+
+def weighted_grads(fn, scene, width, height, tile_size, seed=1):
+    """Gradients of sum(w_r * render) + sum(w_a * alphas) for random weights, w.r.t. the five float inputs."""
+    means2d, conics, colors, opacities, depths, radii, bg = scene
+    n_cams, _, dim = colors.shape
+    g = torch.Generator().manual_seed(seed)
+    w_r = torch.randn(n_cams, height, width, dim, generator=g, dtype=torch.float64)
+    w_a = torch.randn(n_cams, height, width, 1, generator=g, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_(True) for x in (means2d, conics, colors, opacities, bg)]
+    m, c, col, o, b = leaves
+    r, a = fn(m, c, col, o, depths, radii, width, height, b, tile_size)
+    ((r * w_r).sum() + (a * w_a).sum()).backward()
+    return [x.grad for x in leaves]
+
+
+def assert_grads_match(scene, width, height, tile_size):
+    ours = weighted_grads(rasterize_to_pixels_cpu, scene, width, height, tile_size)
+    ref = weighted_grads(dense_composite, scene, width, height, tile_size)
+    for name, g, r in zip(["means2d", "conics", "colors", "opacities", "backgrounds"], ours, ref):
+        assert r.abs().max() > 0, name
+        err = (g - r).abs().max() / r.abs().max()
+        assert err < 1e-9, (name, err.item())
+
+
+def test_gradients_match_dense_autograd():
+    width, height = 30, 22
+    assert_grads_match(random_scene(2, 40, 5, width, height, seed=7, non_pd=0.1), width, height, 8)
+
+
+def test_gradcheck_tiny():
+    width, height = 11, 9
+    means2d, conics, colors, opacities, depths, radii, bg = random_scene(2, 6, 2, width, height, seed=11,
+                                                                          max_opacity=0.9, scale=(2, 4))
+    radii = torch.full_like(radii, 12)
+
+    def fn(m, c, col, o, b):
+        return rasterize_to_pixels_cpu(m, c, col, o, depths, radii, width, height, b, 4)
+
+    inputs = [x.clone().requires_grad_(True) for x in (means2d, conics, colors, opacities, bg)]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_float32_matches_float64():
+    width, height = 40, 33
+    scene64 = random_scene(2, 80, 3, width, height, seed=5)
+    scene32 = tuple(x.float() if x.is_floating_point() else x for x in scene64)
+    leaves = []
+    outs = []
+    for sc in (scene32, scene64):
+        means2d, conics, colors, opacities, depths, radii, bg = sc
+        lv = [x.clone().requires_grad_(True) for x in (means2d, colors, opacities)]
+        r, a = rasterize_to_pixels_cpu(lv[0], conics, lv[1], lv[2], depths, radii, width, height, bg)
+        (r.sum() + a.sum()).backward()
+        outs.append((r, a))
+        leaves.append(lv)
+    assert outs[0][0].dtype == torch.float32 and leaves[0][0].grad.dtype == torch.float32
+    assert (outs[0][0].double() - outs[1][0]).abs().max() < 1e-5
+    assert (outs[0][1].double() - outs[1][1]).abs().max() < 1e-5
+    for l32, l64 in zip(*leaves):
+        assert (l32.grad.double() - l64.grad).abs().max() < 1e-4 * l64.grad.abs().max()
+
+
+def test_independent_of_thread_count():
+    width, height = 64, 48
+    means2d, conics, colors, opacities, depths, radii, bg = random_scene(1, 300, 3, width, height, seed=2)
+    res = []
+    before = numba.get_num_threads()
+    try:
+        for n in sorted({1, before}):
+            numba.set_num_threads(n)
+            m = means2d.clone().requires_grad_(True)
+            r, a = rasterize_to_pixels_cpu(m, conics, colors, opacities, depths, radii, width, height, bg)
+            (r.square().sum() + a.sum()).backward()
+            res.append((r, m.grad))
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(res[0][0], res[-1][0])
+    assert (res[0][1] - res[-1][1]).abs().max() < 1e-12
