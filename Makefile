@@ -21,7 +21,7 @@ test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) tools/bench_render.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) tools/bench_render.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gendistill.splat_edit.edit_cli import add_edit_parser
+from gendistill.splat_edit.segment import add_parser as add_segment_parser
 from gendistill.video_distill.cli import add_finetune_parser, add_generate_parser
 
 
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render(sub)
     add_finetune_parser(sub)
     add_generate_parser(sub)
+    add_segment_parser(sub)
+    add_edit_parser(sub)
     return parser
 
 

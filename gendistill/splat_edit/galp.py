@@ -1,0 +1,514 @@
+"""3D-GALP (RoMaP, arXiv 2507.11061): a per-Gaussian part-label field stored as spherical harmonics.
+
+Every Gaussian carries label SH coefficients `label_sh` [N, K, 3] (degree 0..3, default 3) over the
+three channels of a colour code: each part is a colour (red, green, blue, yellow, cyan, magenta,
+then seeded random ones) and "no part" is black. The field is rendered with `rasterize` like RGB
+(clamp_min(SH + 0.5, 0)), the geometry detached so that only the labels learn, and fitted to the
+colour-coded multi-view part masks with
+
+    loss = L1(render, mask colours) + neighbor_weight * neighbour loss on anchors.
+
+Softness of Gaussian i: S_i = H_i * v_i, with H_i the entropy of the softmax over parts of the
+cosine between its view-averaged label and each part code, v_i the variance of its label across
+the training views (summed over channels). It is recomputed every `softness_every` steps; the
+anchors are the K/2 softest and K/2 least soft Gaussians, and each anchor's label (its DC colour)
+is pulled by L1 towards the mean label of its k nearest Gaussians (the mean held fixed).
+
+Outputs: a boolean 3D mask per part (view-averaged label within `threshold`, summed absolute
+difference, of the part code) and 2D masks per view (rendered label within `threshold`).
+
+The baseline `vote_masks` is GaussianEditor-style voting: each Gaussian's mask value averaged over
+the pixels it contributes to, weighted by its compositing weight alpha * T, then thresholded.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gendistill.core.cameras import Cameras
+from gendistill.core.render import rasterize
+from gendistill.core.render.sh import SH_C0, eval_sh, num_sh_bases, sh_basis, sh_degree_from_bases
+from gendistill.core.scene import GaussianScene
+
+__all__ = [
+    "GALPConfig", "LabelField", "part_colors", "mask_colors", "init_label_sh", "render_labels", "view_labels",
+    "weighted_view_mean", "codes_within", "view_contributions", "label_softness", "select_anchors",
+    "knn_indices", "neighbor_loss", "masks_3d", "masks_2d", "contribution_weights", "vote_masks", "mask_iou",
+    "train_label_field", "labelled_scene", "masks_from_scene",
+]
+
+# RoMaP's first colour codes; later parts get seeded random colours
+_BASE_COLORS = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.0), (0.0, 1.0, 1.0), (1.0, 0.0, 1.0)]
+LABEL_PARTS_KEY = "label_parts"  # PLY comment key: JSON list of the part names, in code order
+
+
+@dataclass
+class GALPConfig:
+    """3D-GALP training settings; defaults are the paper's.
+
+    sh_degree: label SH degree 0..3. steps: optimisation steps. lr: Adam lr of the DC label
+    coefficients; higher orders get lr * rest_lr_factor. n_anchors: K (K/2 softest + K/2 least
+    soft). knn: neighbours per anchor. neighbor_weight: weight of the neighbour loss relative to the
+    L1. softness_every: steps between softness / anchor updates. threshold: summed absolute
+    difference to a part code below which a label counts as that part (3D and 2D masks).
+    views_per_step: views rendered per step. softmax_temperature: of the cosine softmax in H_i.
+    """
+
+    sh_degree: int = 3
+    steps: int = 600
+    lr: float = 0.0125
+    rest_lr_factor: float = 1.0 / 20.0
+    n_anchors: int = 1000
+    knn: int = 50
+    neighbor_weight: float = 2.0
+    softness_every: int = 50
+    threshold: float = 1.0
+    views_per_step: int = 1
+    softmax_temperature: float = 1.0
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        num_sh_bases(self.sh_degree)  # raises for a bad degree
+        for name in ("steps", "softness_every", "views_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GALPConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_anchors < 0 or self.knn < 1:
+            raise ValueError(f"GALPConfig: n_anchors must be >= 0 and knn >= 1, got {self.n_anchors}, {self.knn}")
+        if self.lr <= 0 or self.threshold <= 0 or self.softmax_temperature <= 0:
+            raise ValueError("GALPConfig: lr, threshold and softmax_temperature must be positive")
+
+
+# ---------------------------------------------------------------------- colour codes
+def part_colors(n: int, seed: int = 0) -> Tensor:
+    """[n, 3] colour codes: red, green, blue, yellow, cyan, magenta, then seeded random colours
+    (kept at least 0.3 in summed absolute difference away from black and from earlier codes)."""
+    cols = [torch.tensor(c) for c in _BASE_COLORS[:n]]
+    g = torch.Generator().manual_seed(seed)
+    while len(cols) < n:
+        c = torch.rand(3, generator=g)
+        if c.sum() > 0.3 and all((c - o).abs().sum() > 0.3 for o in cols):
+            cols.append(c)
+    return torch.stack(cols) if cols else torch.zeros(0, 3)
+
+
+def mask_colors(masks: Tensor, colors: Tensor, threshold: float = 0.5) -> Tensor:
+    """Colour-code part masks: masks [C, P, H, W] (values in [0, 1]), colors [P, 3] -> [C, H, W, 3].
+
+    A pixel takes the code of the first listed part whose mask exceeds `threshold` (earlier parts
+    claim pixels first); pixels of no part are black.
+    """
+    if masks.dim() != 4 or colors.shape != (masks.shape[1], 3):
+        raise ValueError(f"mask_colors: masks must be [C, P, H, W] and colors [P, 3], got "
+                         f"{list(masks.shape)} and {list(colors.shape)}")
+    c, p, h, w = masks.shape
+    out = masks.new_zeros(c, h, w, 3)
+    free = torch.ones(c, h, w, dtype=torch.bool, device=masks.device)
+    for i in range(p):
+        take = (masks[:, i] > threshold) & free
+        out[take] = colors[i].to(out)
+        free &= ~take
+    return out
+
+
+# ---------------------------------------------------------------------- rendering and per-view labels
+def init_label_sh(n: int, sh_degree: int = 3, *, device=None, dtype=torch.float32) -> Tensor:
+    """[N, K, 3] zeros: every label starts as mid grey (0.5), equally far from every code."""
+    return torch.zeros(n, num_sh_bases(sh_degree), 3, device=device, dtype=dtype)
+
+
+def _geometry(scene: GaussianScene) -> dict[str, Tensor]:
+    a = scene.render_args()
+    return {k: a[k].detach() for k in ("means", "quats", "scales", "opacities")}
+
+
+def render_labels(scene: GaussianScene, label_sh: Tensor, cameras: Cameras, *, backend: str = "auto",
+                  geometry: dict[str, Tensor] | None = None) -> Tensor:
+    """Render the label field: label_sh [N, K, 3] -> [C, H, W, 3], black background.
+
+    The geometry is detached: gradients reach `label_sh` only.
+    """
+    geo = geometry if geometry is not None else _geometry(scene)
+    cams = cameras.to(geo["means"].device, geo["means"].dtype)
+    render, _, _ = rasterize(geo["means"], geo["quats"], geo["scales"], geo["opacities"], label_sh,
+                             cams.viewmats, cams.Ks, cams.width, cams.height,
+                             sh_degree=sh_degree_from_bases(label_sh.shape[1]),
+                             backgrounds=label_sh.new_zeros(len(cams), 3), backend=backend)
+    return render
+
+
+def view_labels(means: Tensor, label_sh: Tensor, cameras: Cameras | None) -> Tensor:
+    """Label colour of every Gaussian seen from every camera: [C, N, 3], clamp_min(SH + 0.5, 0).
+
+    Without cameras, the average over all directions: the DC colour, [1, N, 3].
+    """
+    if cameras is None:
+        return torch.clamp_min(label_sh[None, :, 0] * SH_C0 + 0.5, 0.0)
+    centres = cameras.to(means.device, means.dtype).centers()  # [C, 3]
+    dirs = means[None] - centres[:, None]  # [C, N, 3]
+    deg = sh_degree_from_bases(label_sh.shape[1])
+    return torch.clamp_min(eval_sh(deg, label_sh[None].expand(len(centres), -1, -1, -1), dirs) + 0.5, 0.0)
+
+
+def weighted_view_mean(labels: Tensor, weights: Tensor | None, fallback: Tensor | None = None) -> Tensor:
+    """[N, 3] mean of per-view labels [C, N, 3] with per-view weights [C, N] (plain mean if None);
+    Gaussians of zero total weight get `fallback` [N, 3] (or the plain mean)."""
+    if weights is None:
+        return labels.mean(dim=0)
+    total = weights.sum(dim=0)  # [N]
+    mean = (weights[..., None] * labels).sum(dim=0) / total.clamp_min(1e-12)[:, None]
+    other = labels.mean(dim=0) if fallback is None else fallback
+    return torch.where(total[:, None] > 0, mean, other)
+
+
+def codes_within(labels: Tensor, colors: Tensor, threshold: float = 1.0) -> Tensor:
+    """[P, N] bool: labels [..., N, 3] within `threshold` (summed |difference|) of a part code
+    [P, 3] and nearer to it than to any other code and to black (no part).
+
+    Nearest-code assignment keeps the masks disjoint and keeps near-black labels out: red and
+    black are only 1.0 apart, as are red and yellow, so a plain threshold would put a dim red
+    (0.1, 0, 0) or a half-way (1, 0.5, 0) label in a part, or in two.
+    """
+    codes = torch.cat([colors.to(labels), labels.new_zeros(1, 3)])  # black last
+    d = (labels[..., None, :] - codes).abs().sum(dim=-1)  # [..., N, P + 1]
+    nearest = torch.nn.functional.one_hot(d.argmin(dim=-1), codes.shape[0]).bool()
+    out = (d < threshold) & nearest
+    return out[..., :-1].movedim(-1, -2 if labels.dim() == 2 else 1)
+
+
+def label_softness(labels: Tensor, colors: Tensor, temperature: float = 1.0,
+                   weights: Tensor | None = None) -> Tensor:
+    """S_i = H_i * v_i from per-view labels [C, N, 3] and part codes [P, 3] -> [N].
+
+    H_i: entropy of softmax_p(cos(mean label, code_p) / temperature); v_i: variance of the label
+    across the views, summed over channels. With `weights` [C, N] (how much each view sees each
+    Gaussian) mean and variance are weighted, so that views where a Gaussian is hidden do not count.
+    """
+    mean = weighted_view_mean(labels, weights)  # [N, 3]
+    unit = torch.nn.functional.normalize
+    cos = unit(mean, dim=-1, eps=1e-8) @ unit(colors.to(mean), dim=-1).T  # [N, P]
+    logp = torch.log_softmax(cos / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    if weights is None:
+        var = labels.var(dim=0, unbiased=False).sum(dim=-1)
+    else:
+        var = weighted_view_mean(((labels - mean) ** 2).sum(dim=-1, keepdim=True), weights)[:, 0]
+    return entropy * var
+
+
+def select_anchors(softness: Tensor, k: int) -> Tensor:
+    """Indices [<= k] of the k/2 softest and k/2 least soft Gaussians (no index twice)."""
+    n = softness.shape[0]
+    if k >= n:
+        return torch.arange(n, device=softness.device)
+    order = torch.argsort(softness, descending=True)
+    half = k // 2
+    return torch.cat([order[:half], order[n - (k - half):]])
+
+
+def knn_indices(means: Tensor, k: int) -> Tensor:
+    """[N, k'] indices of the k' = min(k, N - 1) nearest other Gaussians of each Gaussian (a KD-tree)."""
+    from scipy.spatial import cKDTree
+
+    pts = means.detach().double().cpu().numpy()
+    k = min(k, len(pts) - 1)
+    if k < 1:
+        return torch.zeros(len(pts), 0, dtype=torch.long, device=means.device)
+    _, idx = cKDTree(pts).query(pts, k=k + 1)
+    return torch.from_numpy(np.asarray(idx)[:, 1:]).long().to(means.device)
+
+
+def neighbor_loss(label_dc: Tensor, anchors: Tensor, neighbors: Tensor) -> Tensor:
+    """Mean L1 between each anchor's DC label colour and the (fixed) mean of its neighbours' ones.
+
+    label_dc: [N, 3] DC coefficients; anchors: [A]; neighbors: [N, k].
+    """
+    if anchors.numel() == 0 or neighbors.shape[1] == 0:
+        return label_dc.sum() * 0.0
+    col = label_dc * SH_C0 + 0.5
+    target = col.detach()[neighbors[anchors]].mean(dim=1)  # [A, 3]
+    return (col[anchors] - target).abs().mean()
+
+
+# ---------------------------------------------------------------------- masks out
+def masks_3d(label_sh: Tensor, means: Tensor, colors: Tensor, cameras: Cameras | None = None,
+             threshold: float = 1.0) -> Tensor:
+    """[P, N] bool: the view-averaged label within `threshold` (summed |difference|) of each part code.
+
+    The average is over `cameras` (the training views) or, without them, over all directions.
+    """
+    with torch.no_grad():
+        return codes_within(view_labels(means, label_sh, cameras).mean(dim=0), colors, threshold)
+
+
+def masks_2d(label_images: Tensor, colors: Tensor, threshold: float = 1.0) -> Tensor:
+    """[C, P, H, W] bool from rendered labels [C, H, W, 3]: pixels within `threshold` of a part code
+    and nearest to it (black, no part, included), as `codes_within`."""
+    c, h, w, _ = label_images.shape
+    return codes_within(label_images.reshape(c, h * w, 3), colors, threshold).reshape(c, -1, h, w)
+
+
+# ---------------------------------------------------------------------- voting baseline
+def _weighted_sums(scene: GaussianScene, cameras: Cameras, masks: Tensor | None, backend: str,
+                   chunk: int = 8) -> Tensor:
+    """[N, P + 1]: per Gaussian, sum over pixels of alpha*T*mask_p (P columns) and of alpha*T (last),
+    obtained as the gradient of the rendered features with respect to them."""
+    geo = _geometry(scene)
+    n = geo["means"].shape[0]
+    p = 0 if masks is None else masks.shape[1]
+    out = geo["means"].new_zeros(n, p + 1)
+    for s in range(0, len(cameras), chunk):
+        cams = cameras[list(range(s, min(s + chunk, len(cameras))))].to(geo["means"].device, geo["means"].dtype)
+        feats = geo["means"].new_zeros(n, p + 1, requires_grad=True)
+        render, _, _ = rasterize(geo["means"], geo["quats"], geo["scales"], geo["opacities"], feats,
+                                 cams.viewmats, cams.Ks, cams.width, cams.height, backend=backend)
+        weight = torch.ones_like(render)
+        if p:
+            weight[..., :p] = masks[s : s + len(cams)].to(render).permute(0, 2, 3, 1)
+        (grad,) = torch.autograd.grad((render * weight).sum(), feats)
+        out += grad
+    return out
+
+
+def view_contributions(scene: GaussianScene, cameras: Cameras, *, backend: str = "auto",
+                       geometry: dict[str, Tensor] | None = None, chunk: int = 8) -> Tensor:
+    """[C, N] compositing weight (sum of alpha * T over the view's pixels) of each Gaussian in each view."""
+    geo = geometry if geometry is not None else _geometry(scene)
+    out = []
+    for s in range(0, len(cameras), chunk):
+        cams = cameras[list(range(s, min(s + chunk, len(cameras))))].to(geo["means"].device, geo["means"].dtype)
+        feats = geo["means"].new_zeros(len(cams), geo["means"].shape[0], 1, requires_grad=True)
+        render, _, _ = rasterize(geo["means"], geo["quats"], geo["scales"], geo["opacities"], feats,
+                                 cams.viewmats, cams.Ks, cams.width, cams.height, backend=backend)
+        (grad,) = torch.autograd.grad(render.sum(), feats)
+        out.append(grad[..., 0])
+    return torch.cat(out)
+
+
+def contribution_weights(scene: GaussianScene, cameras: Cameras, *, backend: str = "auto") -> Tensor:
+    """[N] total compositing weight (sum of alpha * T over every pixel of every view) per Gaussian;
+    0 for Gaussians no view sees."""
+    return _weighted_sums(scene, cameras, None, backend)[:, 0]
+
+
+def vote_masks(scene: GaussianScene, cameras: Cameras, masks: Tensor, *, threshold: float = 0.5,
+               backend: str = "auto", return_scores: bool = False):
+    """GaussianEditor-style voting: [P, N] bool, a Gaussian's mask value averaged over the pixels it
+    contributes to (weights alpha * T) above `threshold`. masks: [C, P, H, W] in [0, 1].
+
+    With `return_scores`, also the [P, N] averages (0 for unseen Gaussians).
+    """
+    _check_mask_shape(masks, cameras)
+    sums = _weighted_sums(scene, cameras, masks.float(), backend)
+    scores = (sums[:, :-1] / sums[:, -1:].clamp_min(1e-12)).T
+    scores = torch.where(sums[:, -1][None] > 0, scores, torch.zeros_like(scores))
+    out = scores > threshold
+    return (out, scores) if return_scores else out
+
+
+def mask_iou(pred: Tensor, truth: Tensor, valid: Tensor | None = None) -> Tensor:
+    """[P] IoU of boolean masks pred, truth [P, N] over the Gaussians in `valid` [N] (all if None);
+    1.0 where a part is empty in both."""
+    if valid is not None:
+        pred, truth = pred[:, valid], truth[:, valid]
+    inter = (pred & truth).sum(dim=1).float()
+    union = (pred | truth).sum(dim=1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def _check_mask_shape(masks: Tensor, cameras: Cameras) -> None:
+    if masks.dim() != 4 or masks.shape[0] != len(cameras) or tuple(masks.shape[2:]) != (cameras.height, cameras.width):
+        raise ValueError(f"masks must be [C={len(cameras)}, P, H={cameras.height}, W={cameras.width}] to match "
+                         f"the cameras, got {list(masks.shape)}")
+
+
+# ---------------------------------------------------------------------- training
+class LabelField:
+    """A 3D-GALP label field being fitted to multi-view part masks (state: labels, optimizer, anchors).
+
+    Args:
+        scene: the Gaussians (geometry is read, never changed).
+        cameras: C training views. masks: [C, P, H, W] values in [0, 1], one channel per part.
+        parts: P part names (the order of `masks`; earlier parts claim overlapping pixels).
+        config: GALPConfig. colors: [P, 3] codes (default `part_colors(P)`).
+    """
+
+    def __init__(self, scene: GaussianScene, cameras: Cameras, masks: Tensor, parts: Sequence[str],
+                 config: GALPConfig | None = None, colors: Tensor | None = None):
+        self.config = cfg = config or GALPConfig()
+        self.parts = list(parts)
+        if masks.dim() != 4 or masks.shape[1] != len(self.parts):
+            raise ValueError(f"masks must be [C, P={len(self.parts)}, H, W] for parts {self.parts}, "
+                             f"got {list(masks.shape)}")
+        _check_mask_shape(masks, cameras)
+        self.scene, self.cameras = scene, cameras
+        self.geometry = _geometry(scene)
+        dev, dt = self.geometry["means"].device, self.geometry["means"].dtype
+        self.colors = (colors if colors is not None else part_colors(len(self.parts), cfg.seed)).to(dev, dt)
+        self.targets = mask_colors(masks.to(dev, dt), self.colors)  # [C, H, W, 3]
+        init = init_label_sh(len(scene), cfg.sh_degree, device=dev, dtype=dt)
+        self.dc = init[:, :1].clone().requires_grad_(True)
+        self.rest = init[:, 1:].clone().requires_grad_(True)
+        groups = [{"params": [self.dc], "lr": cfg.lr}]
+        if self.rest.shape[1]:
+            groups.append({"params": [self.rest], "lr": cfg.lr * cfg.rest_lr_factor})
+        try:  # the fused kernel is several times faster on CPU
+            self.optimizer = torch.optim.Adam(groups, eps=1e-15, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            self.optimizer = torch.optim.Adam(groups, eps=1e-15)
+        self.neighbors = knn_indices(self.geometry["means"], cfg.knn)
+        # fixed geometry and views: the SH basis of every (view, Gaussian) and how much each view sees
+        # each Gaussian are computed once
+        dirs = self.geometry["means"][None] - cameras.to(dev, dt).centers()[:, None]  # [C, N, 3]
+        self.basis = sh_basis(cfg.sh_degree, torch.nn.functional.normalize(dirs, dim=-1))  # [C, N, K]
+        self.view_weights = view_contributions(scene, cameras, backend=cfg.backend, geometry=self.geometry)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.softness = torch.zeros(len(scene), device=dev, dtype=dt)
+        self.anchors = torch.zeros(0, dtype=torch.long, device=dev)
+        self.step_count = 0
+        self._order: list[int] = []
+        self.last_losses: dict[str, float] = {}
+
+    @property
+    def label_sh(self) -> Tensor:
+        """[N, K, 3] current label coefficients (detached)."""
+        return torch.cat([self.dc, self.rest], dim=1).detach()
+
+    def _view_colors(self, label: Tensor, views: Sequence[int] | None = None) -> Tensor:
+        """[V, N, 3] label colours clamp_min(SH + 0.5, 0) seen from the training views `views` (all)."""
+        basis = self.basis if views is None else self.basis[views]
+        return torch.clamp_min(torch.einsum("cnk,nkd->cnd", basis, label) + 0.5, 0.0)
+
+    def mean_labels(self) -> Tensor:
+        """[N, 3] each Gaussian's label averaged over the training views, weighted by how much each
+        view sees it (its compositing weight); the DC colour for Gaussians no view sees."""
+        with torch.no_grad():
+            return weighted_view_mean(self._view_colors(self.label_sh), self.view_weights,
+                                      view_labels(self.geometry["means"], self.label_sh, None)[0])
+
+    def update_softness(self) -> None:
+        """Recompute S = H * v over the training views and re-draw the anchors."""
+        with torch.no_grad():
+            labels = self._view_colors(self.label_sh)
+            self.softness = label_softness(labels, self.colors, self.config.softmax_temperature, self.view_weights)
+        self.anchors = select_anchors(self.softness, self.config.n_anchors)
+
+    def _next_views(self) -> list[int]:
+        out = []
+        while len(out) < self.config.views_per_step:
+            if not self._order:
+                self._order = torch.randperm(len(self.cameras), generator=self.generator).tolist()
+            out.append(self._order.pop())
+        return out
+
+    def step(self) -> float:
+        """One optimisation step on `views_per_step` views; returns the total loss."""
+        cfg = self.config
+        if self.step_count % cfg.softness_every == 0:
+            self.update_softness()
+        views = self._next_views()
+        label = torch.cat([self.dc, self.rest], dim=1)
+        colors = self._view_colors(label, views)  # [V, N, 3]: rasterize takes per-view features
+        geo, cams = self.geometry, self.cameras[views].to(self.geometry["means"].device, label.dtype)
+        render, _, _ = rasterize(geo["means"], geo["quats"], geo["scales"], geo["opacities"], colors, cams.viewmats,
+                                 cams.Ks, cams.width, cams.height, backgrounds=label.new_zeros(len(views), 3),
+                                 backend=cfg.backend)
+        l1 = (render - self.targets[views]).abs().mean()
+        nb = neighbor_loss(self.dc[:, 0], self.anchors, self.neighbors)
+        loss = l1 + cfg.neighbor_weight * nb
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        self.last_losses = {"l1": float(l1.detach()), "neighbor": float(nb.detach())}
+        return float(loss.detach())
+
+    def fit(self, steps: int | None = None, progress: bool = True) -> "LabelField":
+        """Run `steps` (default config.steps) steps with a tqdm bar, then refresh the softness."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(steps if steps is not None else self.config.steps), desc="3D-GALP", disable=not progress,
+                   leave=False)
+        for _ in bar:
+            self.step()
+            if self.step_count % 10 == 0:
+                bar.set_postfix(l1=f"{self.last_losses['l1']:.4f}", nb=f"{self.last_losses['neighbor']:.4f}")
+        self.update_softness()
+        return self
+
+    def masks_3d(self, threshold: float | None = None) -> Tensor:
+        """[P, N] bool 3D part masks (view-averaged over the training views)."""
+        return codes_within(self.mean_labels(), self.colors, self.config.threshold if threshold is None else threshold)
+
+    def render(self, cameras: Cameras | None = None) -> Tensor:
+        """[C, H, W, 3] rendered labels (training views by default)."""
+        with torch.no_grad():
+            return render_labels(self.scene, self.label_sh, cameras or self.cameras, backend=self.config.backend,
+                                 geometry=self.geometry)
+
+    def masks_2d(self, cameras: Cameras | None = None, threshold: float | None = None) -> Tensor:
+        """[C, P, H, W] bool 2D part masks rendered from the label field."""
+        return masks_2d(self.render(cameras), self.colors, self.config.threshold if threshold is None else threshold)
+
+    def to_scene(self) -> GaussianScene:
+        """A copy of the scene with `label_sh`, `certainty` (the softness) and the part names set."""
+        return labelled_scene(self.scene, self.label_sh, self.softness, self.parts, self.colors)
+
+
+def train_label_field(scene: GaussianScene, cameras: Cameras, masks: Tensor, parts: Sequence[str],
+                      config: GALPConfig | None = None, *, progress: bool = True) -> LabelField:
+    """Fit a 3D-GALP label field to part masks [C, P, H, W]; returns the fitted `LabelField`.
+
+    Warns, naming the part, when a part's 3D mask comes out empty.
+    """
+    field = LabelField(scene, cameras, masks, parts, config).fit(progress=progress)
+    m = field.masks_3d()
+    for i, name in enumerate(field.parts):
+        if not bool(m[i].any()):
+            warnings.warn(f"3D-GALP: the 3D mask of part {name!r} is empty (no Gaussian's label is within "
+                          f"{field.config.threshold} of its code)", stacklevel=2)
+    return field
+
+
+# ---------------------------------------------------------------------- PLY round trip
+def labelled_scene(scene: GaussianScene, label_sh: Tensor, certainty: Tensor | None, parts: Sequence[str],
+                   colors: Tensor | None = None) -> GaussianScene:
+    """A copy of `scene` with label_sh / certainty set and comments `label_parts: [...]` (JSON)
+    and `label_colors: [[r, g, b], ...]` recording which code is which part."""
+    out = scene.clone()
+    out.label_sh = label_sh.detach().to(scene.means)
+    out.certainty = None if certainty is None else certainty.detach().to(scene.means)
+    cols = (colors if colors is not None else part_colors(len(parts))).detach().cpu()
+    keep = [c for c in out.comments if not c.startswith((LABEL_PARTS_KEY + ":", "label_colors:"))]
+    out.comments = keep + [f"{LABEL_PARTS_KEY}: {json.dumps(list(parts))}",
+                           f"label_colors: {json.dumps([[round(float(v), 6) for v in c] for c in cols])}"]
+    return out
+
+
+def masks_from_scene(scene: GaussianScene, parts: Sequence[str] | None = None, *, cameras: Cameras | None = None,
+                     threshold: float = 1.0) -> dict[str, Tensor]:
+    """3D masks {part: [N] bool} of a labelled scene (as `labelled_scene` / `gendistill segment` write).
+
+    `parts` defaults to all labelled parts; the label is averaged over `cameras` or, without them,
+    over all directions (its DC colour).
+    """
+    if scene.label_sh is None:
+        raise ValueError("this scene has no label field (obj_dc_* properties); run `gendistill segment` first")
+    meta = scene.metadata()
+    if LABEL_PARTS_KEY not in meta:
+        raise ValueError(f"this scene's label field has no '{LABEL_PARTS_KEY}' comment naming its parts")
+    known = json.loads(meta[LABEL_PARTS_KEY])
+    colors = torch.tensor(json.loads(meta["label_colors"])) if "label_colors" in meta else part_colors(len(known))
+    wanted = known if parts is None else list(parts)
+    missing = [p for p in wanted if p not in known]
+    if missing:
+        raise ValueError(f"part(s) {missing} are not labelled in this scene (labelled: {known})")
+    m = masks_3d(scene.label_sh, scene.means, colors, cameras, threshold)
+    return {p: m[known.index(p)] for p in wanted}

@@ -1,0 +1,340 @@
+"""`gendistill edit` (RoMaP part editing) end to end on CPU with tiny pipelines, plus its small stages."""
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from plyfile import PlyData
+
+from gendistill.config import ConfigError
+from gendistill.core.cameras import orbit_path
+from gendistill.core.scene import GaussianScene
+from gendistill.splat_edit import editor as editor_mod
+from gendistill.splat_edit.edit_cli import add_edit_parser, main as edit_main
+from gendistill.splat_edit.edit_config import load_edit_config
+from gendistill.splat_edit.editor import (
+    background_gaussians,
+    camera_angles,
+    pick_anchor_views,
+    remove_prior,
+    run_edit,
+    write_tiny_pipeline,
+)
+from gendistill.splat_edit.report import loss_curve_image, psnr_outside
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "splat_edit" / "tiny_cpu.yaml"
+SCENE = ROOT / "assets" / "scenes" / "snowman.ply"
+HAT = 3  # the demo scene's part id of "hat"
+FAST = ["report.turntable_frames=4", "report.grid_views=2"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny SD3 and InstructPix2Pix pipelines and a tiny CLIP, saved once per module."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from tiny_pipelines import MAX_TOKENS, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    text = dict(vocab_size=520, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
+    tiny_tokenizer().save_pretrained(root / "clip")
+    return {"sd3": root / "sd3", "ip2p": root / "ip2p", "clip": root / "clip"}
+
+
+def _overrides(out, models, *extra):
+    return [f"scene={SCENE}", "part=hat", "prompt=a snowman with a hat", "edit_prompt=a snowman with a gold hat",
+            f"out={out}", f"guidance.model={models['sd3']}", *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def run(models, tmp_path_factory):
+    """One edit of 3 steps through the CLI entry (argparse), with CLIP metrics."""
+    out = tmp_path_factory.mktemp("edit") / "run"
+    parser = argparse.ArgumentParser()
+    add_edit_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["edit", "--config", str(CONFIG), "--quiet",
+                              *_overrides(out, models, "steps=3", f"report.clip_model={models['clip']}")])
+    args.run(args)
+    return out
+
+
+def test_outputs_summary_and_report_links(run):
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["interrupted"] is False
+    g = summary["gaussians"]
+    assert g["part_input"] == 3500 and g["outside"] == 11500
+    assert g["output"] == g["outside"] + g["part_output"]
+    assert g["part_output"] == g["part_input"] - g["removed"] + g["added"]
+    assert g["changed"] > 0
+    m = summary["metrics"]
+    assert m["psnr_outside_db"] > 40  # only the part changed: pixels it does not cover stay put
+    assert -1 <= m["clip_similarity"] <= 1 and -1 <= m["clip_directional_similarity"] <= 1
+    # prior removal: the part starts neutral grey, the input hat is black
+    assert max(m["mean_part_color"]["before"]) < 0.2
+    assert all(abs(v - 0.5) < 0.1 for v in m["mean_part_color"]["after"])
+    for name in ("edited.ply", "masks3d/hat.npy", "before_after.png", "turntable.mp4", "loss_curve.png",
+                 "report.html", "config.yaml"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "anchors").glob("*_target.png"))) == 1
+    page = (run / "report.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert "turntable.mp4" in refs and "edited.ply" in refs and any(r.startswith("anchors/") for r in refs)
+    for ref in refs:
+        assert (run / ref).is_file(), f"report.html links a missing file {ref}"
+
+
+def test_outside_bytes_identical_inside_changed(run):
+    before = PlyData.read(str(SCENE))["vertex"].data
+    after = PlyData.read(str(run / "edited.ply"))["vertex"].data
+    mask = np.load(run / "masks3d" / "hat.npy")
+    assert mask.dtype == bool and mask.shape == (len(before),) and mask.sum() == 3500
+    assert np.array_equal(mask, before["part"] == HAT)
+    assert before.dtype == after.dtype
+    # the `part` property follows each Gaussian (densified copies inherit it): outside rows keep their bytes
+    assert before[~mask].tobytes() == after[after["part"] != HAT].tobytes()
+    inside = after[after["part"] == HAT]
+    assert len(inside) == json.loads((run / "summary.json").read_text())["gaussians"]["part_output"]
+    assert not np.allclose(inside["f_dc_0"][: 100], before[mask]["f_dc_0"][: 100])
+    scene = GaussianScene.load_ply(run / "edited.ply")
+    assert len(scene) == len(after) and scene.sh_degree == 1 and scene.metadata()["part_names"] == "body head nose hat"
+
+
+def test_interrupt_writes_loadable_result(models, tmp_path):
+    """A real SIGINT, then SIGTERM, mid-run: the loop stops after the step, the result is complete."""
+    handler = signal.getsignal(signal.SIGINT)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / sig.name
+        cfg = load_edit_config(CONFIG, _overrides(out, models, "steps=50", "densify.enabled=false"))
+
+        def stop_at_two(editor, record):
+            if record["step"] == 2:
+                os.kill(os.getpid(), sig)
+
+        result = run_edit(cfg, callback=stop_at_two, progress=False)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["interrupted"] == sig.name
+        scene = GaussianScene.load_ply(out / "edited.ply")
+        assert len(scene) == 15000  # no densification: indices unchanged
+        original = GaussianScene.load_ply(SCENE)
+        keep = original.extras["part"] != HAT
+        assert torch.equal(scene.sh[keep], original.sh[keep]) and torch.equal(scene.means, original.means)
+        assert (out / "report.html").is_file() and result.summary["steps"] == 2
+    assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
+
+
+def test_ctrl_c_in_a_cli_subprocess(models, tmp_path):
+    """SIGINT to a running `python -m gendistill.splat_edit.edit_cli`: exit 0 and a complete result."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "gendistill.splat_edit.edit_cli", "--config", str(CONFIG), "--quiet",
+           *_overrides(out, models, "steps=100000", "densify.enabled=false")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    try:
+        deadline = time.time() + 120
+        while not list((out / "anchors").glob("*_target.png")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # inside the optimisation loop now
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGINT: stopping after the current step" in stderr and "outputs in" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGINT" and 0 < summary["steps"] < 100000
+    assert len(GaussianScene.load_ply(out / "edited.ply")) == 15000 and (out / "report.html").is_file()
+
+
+def test_crash_leaves_no_partial_scene(models, tmp_path):
+    out = tmp_path / "crash"
+    cfg = load_edit_config(CONFIG, _overrides(out, models, "steps=5", "densify.enabled=false"))
+
+    def crash(editor, record):
+        if record["step"] == 1:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_edit(cfg, callback=crash, progress=False)
+    assert not (out / "edited.ply").exists() and not list(out.glob(".edited*"))
+    assert np.load(out / "masks3d" / "hat.npy").sum() == 3500  # what was finished is whole
+
+
+def test_ip2p_guidance_and_anchor(models, tmp_path):
+    out = tmp_path / "ip2p"
+    cfg = load_edit_config(CONFIG, _overrides(out, models, "steps=2", f"guidance.model={models['ip2p']}",
+                                              "guidance.tiny=ip2p", "guidance.kind=ip2p", "guidance.guidance_scale=7.5",
+                                              "guidance.pipeline_kwargs={}", "anchors.ip2p_steps=2",
+                                              "prior_removal=false", "densify.enabled=false"))
+    result = run_edit(cfg, progress=False)
+    assert result.summary["anchor_method"] == "ip2p" and result.summary["guidance"]["kind"] == "ip2p"
+    assert result.summary["steps"] == 2 and (out / "edited.ply").is_file()
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    (["part=scarf"], ValueError, r"part 'scarf' matches no Gaussian"),
+    (["cameras.center=[0,0,100]", "cameras.radius=1.0"], ValueError, r"no Gaussian .* is in view of any"),
+    (["colour=red"], ConfigError, r"unknown key 'colour'"),
+    (["anchors.slamp={num_step: 3}"], ValueError, r"anchors.slamp: got an unexpected keyword argument 'num_step'"),
+    (["guidance.model=/no/such/model", "guidance.tiny=null"], FileNotFoundError, r"model path '/no/such/model' does"),
+])
+def test_bad_input_fails_before_long_work(models, tmp_path, monkeypatch, capsys, extra, error, match):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(editor_mod, "load_edit_guidance", no_model)
+    overrides = _overrides(tmp_path / "bad", models, *extra)
+    with pytest.raises(error, match=match):
+        run_edit(load_edit_config(CONFIG, overrides), progress=False)
+    assert not (tmp_path / "bad" / "edited.ply").exists()
+    assert edit_main(["--config", str(CONFIG), *overrides]) == 2  # the CLI reports it in one line
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err
+
+
+def test_configs_load():
+    req = ["scene=s.ply", "part=hat", "edit_prompt=x", "out=o"]
+    expect = {"romap_sd3": ("rfds", 100.0, [0.3, 0.98]), "sds_sd21": ("sds", 100.0, [0.02, 0.98]),
+              "ip2p": ("ip2p", 7.5, [0.02, 0.98]), "tiny_cpu": ("rfds", 100.0, [0.3, 0.98])}
+    for name, (kind, scale, t_range) in expect.items():
+        cfg = load_edit_config(ROOT / "configs" / "splat_edit" / f"{name}.yaml", req)
+        assert (cfg.guidance.kind, cfg.guidance.guidance_scale, cfg.guidance.t_range) == (kind, scale, t_range)
+        assert (cfg.optim.lr_color, cfg.optim.lr_opacity, cfg.optim.lr_scale, cfg.optim.lr_rotation) == \
+            (0.0125, 0.01, 0.005, 0.001)
+    with pytest.raises(ConfigError, match="required key"):
+        load_edit_config(CONFIG, ["part=hat"])
+
+
+def test_write_tiny_pipeline_loads_with_from_pretrained(models):
+    from diffusers import DiffusionPipeline
+
+    folder = write_tiny_pipeline("sd3", models["sd3"].parent / "sd3_again")
+    pipe = DiffusionPipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.transformer.config.patch_size == 2
+
+
+def test_anchor_loss_pulls_the_part_to_its_target(models, tmp_path):
+    """Only the anchor L1 (lambda_sds = 0) towards a gold target: the part's rendered colour moves to gold."""
+    from gendistill.splat_edit.editor import Anchors, prepare_edit
+
+    cfg = load_edit_config(CONFIG, _overrides(tmp_path, models, "lambda_sds=0", "lambda_anchor=1", "steps=40",
+                                              "densify.enabled=false", "anchors.views=[3]"))
+    editor, _ = prepare_edit(cfg, progress=False)
+    cams = editor.cameras[[3]]
+    with torch.no_grad():
+        rgb, cov, _ = editor.render(cams)
+    mask = cov > 0.5
+    gold = torch.tensor([1.0, 0.8, 0.1])
+    images = rgb.permute(0, 3, 1, 2)
+    targets = torch.where(mask[:, None], gold.view(1, 3, 1, 1), images)
+    editor.set_anchors(Anchors(views=[3], cameras=cams, images=images, masks=mask, targets=targets))
+    start = (rgb[mask] - gold).abs().mean()
+    for _ in range(cfg.steps):
+        editor.step()
+    with torch.no_grad():
+        rgb, _, _ = editor.render(cams)
+    end = (rgb[mask] - gold).abs().mean()
+    assert end < 0.7 * start, (float(start), float(end))  # lr 0.0125 on the SH DC: ~0.0035 per step
+    assert editor.history[-1]["anchor"] < editor.history[0]["anchor"] and editor.history[0]["sds"] == 0.0
+    scene = editor.edited_scene()
+    keep = editor.scene.extras["part"] != HAT
+    assert torch.equal(scene.sh[keep], editor.scene.sh[keep])  # the rest never moves
+
+
+def test_galp_segmentation_then_reuse(tmp_path):
+    """3D-GALP from a 2D mask folder (as `gendistill segment`), then the same mask from its outputs."""
+    from gendistill.splat_edit.edit_inputs import load_scene, make_cameras, segment_part
+    from gendistill.splat_edit.part_masks import write_mask_folder
+
+    scene = load_scene(SCENE, torch.device("cpu"))
+    write_mask_folder(scene, orbit_path(scene.center(0.01), 3.2, 8, elevation_deg=20.0, width=48, height=48),
+                      tmp_path / "masks", parts=["hat", "head"])
+    base = ["scene=" + str(SCENE), "part=hat", "edit_prompt=x", f"out={tmp_path / 'run'}"]
+    galp = ["segment.source=galp", f"segment.mask_options={{path: {tmp_path / 'masks'}}}", "segment.parts=[hat,head]",
+            "segment.galp={steps: 40, lr: 0.05, n_anchors: 200, knn: 8, softness_every: 20, views_per_step: 2, "
+            "sh_degree: 0}"]
+    cfg = load_edit_config(CONFIG, base + galp)
+    cams = make_cameras(cfg.cameras, scene)
+    mask = segment_part(scene, cfg, cams, work_dir=tmp_path / "seg", progress=False)
+    truth = scene.extras["part"] == HAT
+    assert float((mask & truth).sum() / (mask | truth).sum()) > 0.7
+    assert (tmp_path / "seg" / "labelled.ply").is_file() and (tmp_path / "seg" / "masks3d" / "head.npy").is_file()
+    again = segment_part(scene, load_edit_config(CONFIG, base + [f"segment.mask_file={tmp_path / 'seg'}"]), cams)
+    assert torch.equal(again, mask)
+    labels = segment_part(scene, load_edit_config(CONFIG, base + [f"segment.labelled_ply={tmp_path / 'seg/labelled.ply'}"]),
+                          cams)
+    assert float((labels & mask).sum() / (labels | mask).sum()) > 0.9  # all directions vs the training views
+
+
+# ---------------------------------------------------------------------- small stages
+def test_remove_prior_is_grey_and_leaves_the_rest():
+    sh = torch.randn(5, 4, 3)
+    mask = torch.tensor([True, False, True, False, False])
+    out = remove_prior(sh, mask)
+    assert torch.equal(out[~mask], sh[~mask]) and torch.equal(out[mask], torch.zeros(2, 4, 3))
+    assert torch.equal(sh[mask] != 0, torch.ones(2, 4, 3, dtype=torch.bool))  # the input is untouched
+
+
+def test_camera_angles_of_an_orbit():
+    cams = orbit_path([0.0, 0.0, 1.0], 3.0, 8, elevation_deg=20.0, width=16, height=16)
+    azi, ele = camera_angles(cams, torch.tensor([0.0, 0.0, 1.0]), [0, 0, 1], front_deg=45.0)
+    expected = (torch.arange(8.0) * 45.0 - 45.0 + 180.0) % 360.0 - 180.0
+    torch.testing.assert_close(azi.float(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ele.float(), torch.full((8,), 20.0), atol=1e-4, rtol=0)
+
+
+def test_pick_anchor_views_spreads_by_azimuth():
+    coverage = torch.tensor([50.0, 90.0, 80.0, 10.0, 0.0, 70.0])
+    azimuth = torch.tensor([0.0, 10.0, 20.0, 180.0, 90.0, 200.0])
+    assert pick_anchor_views(coverage, azimuth, 1) == [1]
+    assert pick_anchor_views(coverage, azimuth, 2, 60.0) == [1, 5]
+    assert pick_anchor_views(coverage, azimuth, 4, 60.0) == [1, 5, 2, 0]  # separation relaxed when short
+    assert 4 not in pick_anchor_views(coverage, azimuth, 6)  # a view that misses the part is never picked
+
+
+def test_background_gaussians_hits_masked_background_pixels():
+    cams = orbit_path([0.0, 0.0, 0.0], 4.0, 1, elevation_deg=0.0, width=8, height=8)
+    # the camera sits on +x looking at the origin: world y maps to image -x, world z to image -y
+    means = torch.tensor([[0.0, 0.0, 0.0], [0.0, -0.8, 0.8], [0.0, 0.8, -0.8], [10.0, 0.0, 0.0]])
+    uv, _ = cams.project(means)
+    px = uv[0].floor().long()
+    targets = torch.full((1, 3, 8, 8), 0.7)
+    masks = torch.ones(1, 8, 8, dtype=torch.bool)
+    targets[0, :, px[0, 1], px[0, 0]] = 0.01  # background (black) under Gaussian 0
+    targets[0, :, px[2, 1], px[2, 0]] = 0.0
+    masks[0, px[2, 1], px[2, 0]] = False  # ... but outside the part mask for Gaussian 2
+    drop = background_gaussians(means, cams, masks, targets, torch.zeros(3), tolerance=0.02)
+    assert drop.tolist() == [True, False, False, False]  # Gaussian 3 is behind the camera
+
+
+def test_psnr_outside_and_loss_curve():
+    before = torch.zeros(2, 4, 4, 3)
+    after = before.clone()
+    after[:, :2] = 0.1  # mse 0.01 on the top half
+    cov = torch.zeros(2, 4, 4)
+    cov_after = cov.clone()
+    cov_after[:, 2:] = 1.0  # the part covers the bottom half after the edit
+    r = psnr_outside(before, after, cov, cov_after, 0.02)
+    assert r["outside_pixels"] == 16 and math.isclose(r["psnr_outside_db"], 20.0, abs_tol=1e-4)
+    assert psnr_outside(before, before, cov, cov, 0.02)["psnr_outside_db"] == 100.0
+    hist = [{"loss": float(10 - i), "sds": 1.0, "anchor": float(i)} for i in range(10)]
+    img, ranges = loss_curve_image(hist, size=(200, 100))
+    assert img.shape == (100, 200, 3) and img.dtype == np.uint8
+    assert ranges["loss"] == (1.0, 10.0) and ranges["anchor"] == (0.0, 9.0)
+    assert (img == (214, 39, 40)).all(-1).sum() > 100  # the anchor series is drawn in red

@@ -1,0 +1,229 @@
+"""3D-GALP label field: colour codes, softness, anchors, neighbour loss, training, voting, PLY round trip."""
+
+import math
+
+import pytest
+import torch
+
+from gendistill.core.cameras import Cameras, orbit_path
+from gendistill.core.render.sh import SH_C0
+from gendistill.core.scene import GaussianScene
+from gendistill.splat_edit.galp import (
+    GALPConfig,
+    LabelField,
+    codes_within,
+    contribution_weights,
+    label_softness,
+    labelled_scene,
+    mask_colors,
+    mask_iou,
+    masks_from_scene,
+    neighbor_loss,
+    part_colors,
+    render_labels,
+    select_anchors,
+    train_label_field,
+    view_contributions,
+    vote_masks,
+)
+from gendistill.splat_edit.part_masks import truth_part_masks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These scenes are tiny: one thread avoids thread wake-up costs that dominate on a busy machine."""
+    import numba
+
+    old = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(old[0])
+    numba.set_num_threads(old[1])
+
+
+def two_part_scene(n_per: int = 300, seed: int = 0) -> tuple[GaussianScene, torch.Tensor]:
+    """Two opaque spheres of surface Gaussians (radius 0.5) at x = -0.65 and x = +0.65; part ids [N]."""
+    g = torch.Generator().manual_seed(seed)
+    pts, ids = [], []
+    for k, cx in enumerate((-0.65, 0.65)):
+        d = torch.nn.functional.normalize(torch.randn(n_per, 3, generator=g), dim=-1)
+        pts.append(d * 0.5 + torch.tensor([cx, 0.0, 0.0]))
+        ids.append(torch.full((n_per,), k))
+    scene = GaussianScene.from_points(torch.cat(pts), sh_degree=0, init_opacity=0.95, init_scale=1.2)
+    scene.extras["part"] = torch.cat(ids).int()
+    scene.comments.append("part_names: left right")
+    return scene, torch.cat(ids)
+
+
+def ring(n: int = 8, size: int = 40) -> Cameras:
+    return Cameras.cat([orbit_path([0, 0, 0], 3.5, n // 2, elevation_deg=15, width=size, height=size),
+                        orbit_path([0, 0, 0], 3.5, n - n // 2, elevation_deg=50, width=size, height=size,
+                                   start_deg=20)])
+
+
+@pytest.fixture(scope="module")
+def trained():
+    scene, ids = two_part_scene()
+    cams = ring()
+    masks = truth_part_masks(scene, cams, ids, 2)
+    cfg = GALPConfig(steps=300, n_anchors=100, knn=10, softness_every=50)
+    field = train_label_field(scene, cams, masks, ["left", "right"], cfg, progress=False)
+    return scene, ids, cams, masks, field
+
+
+def test_part_colors_are_romap_codes_then_seeded():
+    c = part_colors(8)
+    expected = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=c.dtype)
+    assert torch.equal(c[:6], expected)
+    assert torch.equal(part_colors(8), c)  # seeded
+    assert not torch.equal(part_colors(8, seed=1)[6:], c[6:])
+    d = (c[:, None] - c[None]).abs().sum(-1) + torch.eye(8) * 9
+    assert d.min() > 0.3 and (c.sum(-1) > 0.3).all()
+
+
+def test_mask_colors_earlier_parts_claim_first():
+    masks = torch.zeros(1, 2, 2, 3)
+    masks[0, 0, 0, :2] = 1  # part 0 at (0,0), (0,1)
+    masks[0, 1, 0, 1:] = 1  # part 1 at (0,1), (0,2): (0,1) overlaps
+    out = mask_colors(masks, part_colors(2))
+    assert out[0, 0, 1].tolist() == [1, 0, 0]  # overlap goes to the first part
+    assert out[0, 0, 2].tolist() == [0, 1, 0]
+    assert out[0, 1].abs().sum() == 0  # no part: black
+
+
+def test_label_softness_numbers():
+    colors = part_colors(2)  # red, green
+    labels = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]],
+                           [[1.0, 0.0, 0.0], [0.7, 0.3, 0.0]]])  # [C=2, N=2, 3]
+    s = label_softness(labels, colors)
+    assert s[0] == 0  # no variance across views
+    mean = torch.tensor([0.6, 0.4, 0.0])
+    cos = torch.nn.functional.normalize(mean, dim=0) @ colors.T
+    p = torch.softmax(cos, 0)
+    h = -(p * p.log()).sum()
+    v = 2 * 0.1 ** 2  # var of R and G, each 0.01
+    assert s[1].item() == pytest.approx((h * v).item(), rel=1e-5)
+    # weights: a view that does not see the Gaussian does not count
+    w = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert label_softness(labels, colors, weights=w)[1] == 0
+
+
+def test_select_anchors_takes_both_ends():
+    s = torch.tensor([5.0, 0.1, 3.0, 9.0, 0.0, 7.0])
+    a = select_anchors(s, 4)
+    assert sorted(a.tolist()) == sorted([3, 5, 4, 1])
+    assert len(select_anchors(s, 100)) == 6
+
+
+def test_neighbor_loss_value_and_gradient():
+    dc = torch.zeros(4, 3, requires_grad=True)
+    with torch.no_grad():
+        dc[1:] = 1.0 / SH_C0  # colours 1.5 for Gaussians 1..3, 0.5 for Gaussian 0
+    nbrs = torch.tensor([[1, 2], [0, 2], [0, 1], [0, 1]])
+    loss = neighbor_loss(dc, torch.tensor([0]), nbrs)
+    assert loss.item() == pytest.approx(1.0)
+    loss.backward()
+    assert dc.grad[1:].abs().sum() == 0 and dc.grad[0].abs().sum() > 0  # only the anchor moves
+
+
+def test_render_labels_learns_labels_only():
+    scene, _ = two_part_scene(50)
+    scene.means.requires_grad_(True)
+    label = torch.zeros(len(scene), 16, 3, requires_grad=True)
+    img = render_labels(scene, label, ring(2, 24))
+    assert img.shape == (2, 24, 24, 3)
+    img.sum().backward()
+    assert scene.means.grad is None and label.grad.abs().sum() > 0
+
+
+def test_two_parts_exact_split_from_clean_masks(trained):
+    scene, ids, cams, masks, field = trained
+    truth = torch.stack([ids == 0, ids == 1])
+    seen = contribution_weights(scene, cams) > 0.05
+    assert seen.sum() > 0.9 * len(scene)
+    pred = field.masks_3d()
+    assert pred.shape == (2, len(scene)) and pred.dtype == torch.bool
+    assert torch.equal(pred[:, seen], truth[:, seen])
+    assert mask_iou(vote_masks(scene, cams, masks), truth, seen).min() == 1.0
+    # 2D masks from the label field agree with the input masks almost everywhere
+    m2 = field.masks_2d()
+    assert m2.shape == masks.shape
+    assert (m2 == (masks > 0.5)).float().mean() > 0.98
+    assert field.softness.shape == (len(scene),) and (field.softness >= 0).all()
+
+
+def test_view_contributions_sum_to_alpha():
+    scene, _ = two_part_scene(50)
+    cams = ring(2, 24)
+    w = view_contributions(scene, cams)
+    _, alphas, _ = scene.render(cams)
+    assert w.shape == (2, len(scene))
+    assert torch.allclose(w.sum(1), alphas.sum((1, 2, 3)), rtol=1e-4)
+
+
+def test_codes_within_is_disjoint():
+    colors = part_colors(4)  # red, green, blue, yellow: red and yellow are 1.0 apart
+    labels = torch.tensor([[1.0, 0.4, 0.0], [1.0, 0.6, 0.0], [0.5, 0.5, 0.5], [0.3, 0.0, 0.0], [0.7, 0.0, 0.0]])
+    m = codes_within(labels, colors, 1.0)
+    assert m.shape == (4, 5)
+    assert m[:, 0].tolist() == [True, False, False, False]
+    assert m[:, 1].tolist() == [False, False, False, True]
+    assert not m[:, 2].any()  # grey is 1.5 from every code
+    assert not m[:, 3].any()  # dim red is nearer black (no part)
+    assert m[:, 4].tolist() == [True, False, False, False]
+
+
+def test_vote_masks_weighted_average():
+    scene, ids = two_part_scene(50)
+    cams = ring(2, 24)
+    masks = torch.zeros(2, 1, 24, 24)
+    masks[0] = 1.0  # view 0 says "part" everywhere, view 1 nowhere
+    _, scores = vote_masks(scene, cams, masks, return_scores=True)
+    w = view_contributions(scene, cams)
+    expected = torch.where(w.sum(0) > 0, w[0] / w.sum(0).clamp_min(1e-12), torch.zeros(()))
+    assert torch.allclose(scores[0], expected, atol=1e-5)
+
+
+def test_labelled_ply_round_trip(trained, tmp_path):
+    scene, ids, cams, masks, field = trained
+    path = field.to_scene().save_ply(tmp_path / "labelled.ply")
+    back = GaussianScene.load_ply(path)
+    assert torch.allclose(back.label_sh, field.label_sh)
+    assert torch.allclose(back.certainty, field.softness)
+    assert back.label_sh_degree == 3
+    assert torch.equal(back.extras["part"], scene.extras["part"])
+    m = masks_from_scene(back)
+    assert list(m) == ["left", "right"]
+    assert torch.equal(m["left"], codes_within(field.label_sh[:, 0] * SH_C0 + 0.5, field.colors)[0])
+    with pytest.raises(ValueError, match="nose"):
+        masks_from_scene(back, ["nose"])
+    with pytest.raises(ValueError, match="no label field"):
+        masks_from_scene(scene)
+    # relabelling replaces the old label comments
+    again = labelled_scene(back, back.label_sh, None, ["a", "b"])
+    assert sum(c.startswith("label_parts:") for c in again.comments) == 1
+
+
+def test_config_and_shape_errors():
+    with pytest.raises(ValueError, match="SH degree"):
+        GALPConfig(sh_degree=4)
+    scene, ids = two_part_scene(20)
+    cams = ring(2, 24)
+    with pytest.raises(ValueError, match=r"P=2"):
+        LabelField(scene, cams, torch.ones(2, 3, 24, 24), ["a", "b"])
+    with pytest.raises(ValueError, match="match"):
+        LabelField(scene, cams, torch.ones(2, 2, 20, 24), ["a", "b"])
+
+
+def test_lower_sh_degree_and_empty_part_warns():
+    scene, ids = two_part_scene(40)
+    cams = ring(2, 24)
+    masks = truth_part_masks(scene, cams, ids, 2)
+    masks[:, 1] = 0.0  # the right part never appears: its 3D mask comes out empty
+    with pytest.warns(UserWarning) as rec:
+        field = train_label_field(scene, cams, masks, ["left", "right"], GALPConfig(sh_degree=1, steps=5),
+                                  progress=False)
+    assert any("'right' is empty" in str(w.message) for w in rec)
+    assert field.label_sh.shape == (len(scene), 4, 3)
+    assert math.isfinite(field.step())
