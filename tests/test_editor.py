@@ -41,7 +41,7 @@ def models(tmp_path_factory):
     """Tiny SD3 and InstructPix2Pix pipelines and a tiny CLIP, saved once per module."""
     from transformers import CLIPConfig, CLIPModel
 
-    from tiny_pipelines import MAX_TOKENS, tiny_tokenizer
+    from gendistill.core.guidance.tiny import MAX_TOKENS, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from gendistill.core.guidance import (
     t_bounds,
     view_suffix,
 )
-from tiny_pipelines import (
+from gendistill.core.guidance.tiny import (
     TinyPixelPipeline,
     tiny_ddpm_pipeline,
     tiny_ip2p_pipeline,

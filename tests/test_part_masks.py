@@ -151,7 +151,7 @@ def test_callable_source():
 # ---------------------------------------------------------------------- attention
 @pytest.fixture(scope="module")
 def pipes():
-    from tiny_pipelines import tiny_sd3_pipeline, tiny_sd_pipeline
+    from gendistill.core.guidance.tiny import tiny_sd3_pipeline, tiny_sd_pipeline
 
     return {"sd": tiny_sd_pipeline(), "sd3": tiny_sd3_pipeline()}
 

@@ -7,7 +7,6 @@ long work (model loading, 3D-GALP training, SLaMP, optimisation).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -219,16 +218,12 @@ def _mask_from_galp(scene: GaussianScene, cfg: EditConfig, cameras: Cameras, wor
 
 # ---------------------------------------------------------------------- guidance
 def write_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
-    """Write the tiny `kind` ("sd", "sd3", "ip2p") pipeline of tests/tiny_pipelines.py to `folder`
-    with save_pretrained (atomically: a temporary folder renamed). Needs the source checkout."""
+    """Write the tiny `kind` ("sd", "sd3", "ip2p") pipeline of `gendistill.core.guidance.tiny` to `folder`
+    with save_pretrained (atomically: a temporary folder renamed)."""
+    from gendistill.core.guidance.tiny import BUILDERS
+
     folder = Path(folder)
-    src = Path(__file__).resolve().parents[2] / "tests" / "tiny_pipelines.py"
-    if not src.is_file():
-        raise FileNotFoundError(f"guidance.tiny needs {src} (a source checkout of gendistill)")
-    spec = importlib.util.spec_from_file_location("_gendistill_tiny_pipelines", src)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    pipe = module.BUILDERS[kind]()
+    pipe = BUILDERS[kind]()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
     pipe.save_pretrained(tmp)

@@ -1,4 +1,4 @@
-"""Tiny diffusers pipelines built from configs (no network), for tests and benchmarks.
+"""Tiny diffusers pipelines built from configs (no network), for tests, benchmarks and quick CPU trials.
 
 Each builder returns a real diffusers pipeline with random weights small enough to run a
 step in milliseconds on a CPU, seeded so two calls give identical weights:
