@@ -1,6 +1,5 @@
 """`gendistill edit` (RoMaP part editing) end to end on CPU with tiny pipelines, plus its small stages."""
 
-import argparse
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from gendistill.config import ConfigError
 from gendistill.core.cameras import orbit_path
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit import editor as editor_mod
-from gendistill.splat_edit.edit_cli import add_edit_parser, main as edit_main
+from gendistill.cli import main as cli_main
 from gendistill.splat_edit.edit_config import load_edit_config
 from gendistill.splat_edit.editor import (
     background_gaussians,
@@ -61,13 +60,10 @@ def _overrides(out, models, *extra):
 
 @pytest.fixture(scope="module")
 def run(models, tmp_path_factory):
-    """One edit of 3 steps through the CLI entry (argparse), with CLIP metrics."""
+    """One edit of 3 steps through the `gendistill edit` entry, with CLIP metrics."""
     out = tmp_path_factory.mktemp("edit") / "run"
-    parser = argparse.ArgumentParser()
-    add_edit_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["edit", "--config", str(CONFIG), "--quiet",
-                              *_overrides(out, models, "steps=3", f"report.clip_model={models['clip']}")])
-    args.run(args)
+    assert cli_main(["edit", "--config", str(CONFIG), "--quiet",
+                     *_overrides(out, models, "steps=3", f"report.clip_model={models['clip']}")]) == 0
     return out
 
 
@@ -136,13 +132,13 @@ def test_interrupt_writes_loadable_result(models, tmp_path):
 
 
 def test_ctrl_c_in_a_cli_subprocess(models, tmp_path):
-    """SIGINT to a running `python -m gendistill.splat_edit.edit_cli`: exit 0 and a complete result."""
+    """SIGINT to a running `python -m gendistill edit`: exit 0 and a complete result."""
     import subprocess
     import sys
     import time
 
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "gendistill.splat_edit.edit_cli", "--config", str(CONFIG), "--quiet",
+    cmd = [sys.executable, "-m", "gendistill", "edit", "--config", str(CONFIG), "--quiet",
            *_overrides(out, models, "steps=100000", "densify.enabled=false")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
@@ -203,7 +199,7 @@ def test_bad_input_fails_before_long_work(models, tmp_path, monkeypatch, capsys,
     with pytest.raises(error, match=match):
         run_edit(load_edit_config(CONFIG, overrides), progress=False)
     assert not (tmp_path / "bad" / "edited.ply").exists()
-    assert edit_main(["--config", str(CONFIG), *overrides]) == 2  # the CLI reports it in one line
+    assert cli_main(["edit", "--config", str(CONFIG), *overrides]) == 2  # the CLI reports it in one line
     err = capsys.readouterr().err
     assert re.search(match, err) and "Traceback" not in err
 

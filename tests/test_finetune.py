@@ -198,7 +198,7 @@ def test_cli_finetune_skips_bad_clips_and_goes_on(tiny_models, tmp_path, capsys)
     import shutil
 
     from gendistill.core.media import write_video
-    from gendistill.video_distill.cli import main
+    from gendistill.cli import main
 
     data = tmp_path / "data"
     data.mkdir()
@@ -239,7 +239,8 @@ def test_cached_features_are_reused_and_keyed_by_settings(tiny_models, tmp_path)
 _RANK_WEIGHTS = """
 import sys
 from safetensors.torch import save_file
-from gendistill.video_distill import cli, trainer as T
+from gendistill import cli
+from gendistill.video_distill import trainer as T
 
 train = T.VideoREPATrainer.train
 def train_and_dump(self):

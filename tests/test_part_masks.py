@@ -217,9 +217,9 @@ def test_postprocess_attention_order_and_threshold():
 
 # ---------------------------------------------------------------------- the segment command
 def run_cli(argv):
-    from gendistill.splat_edit.segment import main
+    from gendistill.cli import main
 
-    return main(argv)
+    return main(["segment", *argv])
 
 
 def test_segment_cli_with_mask_folder(folder, tmp_path, capsys):

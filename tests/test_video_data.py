@@ -133,7 +133,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 
 def test_generate_cli_writes_repeatable_videos(tiny_pipeline_dir, tmp_path, capsys):
-    from gendistill.video_distill.cli import main
+    from gendistill.cli import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# demo\na red ball bounces\n\na blue ball falls\n")
@@ -151,7 +151,7 @@ def test_generate_cli_writes_repeatable_videos(tiny_pipeline_dir, tmp_path, caps
 
 
 def test_generate_bad_paths_are_clear(tiny_pipeline_dir, tmp_path, capsys):
-    from gendistill.video_distill.cli import main
+    from gendistill.cli import main
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a ball\n")

@@ -2,16 +2,13 @@
 
     gendistill edit --config configs/splat_edit/tiny_cpu.yaml scene=assets/scenes/snowman.ply part=hat \\
         prompt="a snowman with a hat" edit_prompt="a snowman with a gold hat" out=outputs/edit_tiny
-
-Also runnable as `python -m gendistill.splat_edit.edit_cli --config ... key=value ...`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-__all__ = ["add_edit_parser", "run_edit_command", "main"]
+__all__ = ["add_edit_parser", "run_edit_command"]
 
 
 def add_edit_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,20 +35,3 @@ def run_edit_command(args) -> None:
     result = run_edit(load_edit_config(args.config, args.overrides), progress=not args.quiet)
     print(f"edit: {result.summary['steps']} steps, outputs in {result.out}/")
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: `python -m gendistill.splat_edit.edit_cli --config ... key=value ...`."""
-    parser = argparse.ArgumentParser(prog="gendistill")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_edit_parser(sub)
-    args = parser.parse_args(["edit", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"gendistill edit: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

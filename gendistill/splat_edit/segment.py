@@ -168,21 +168,3 @@ def run(args: argparse.Namespace) -> None:
         print(f"3D mask {p}: {path} ({res['counts'][p]} Gaussians)")
     print(f"overlays: {out / 'overlays'}/ ({len(res['overlays'])} views); contact sheet: {res['contact_sheet']}")
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (`python -m gendistill.splat_edit.segment ...`) until the lead wires the command in."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="gendistill")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["segment", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"gendistill segment: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,16 +3,13 @@
     gendistill finetune --config configs/video_distill/tiny_cpu.yaml output_dir=outputs/tiny max_steps=20
     accelerate launch -m gendistill finetune --config configs/video_distill/videorepa_5b_lora.yaml ...
     gendistill generate --model THUDM/CogVideoX-5b --lora outputs/run/export --prompts prompts.txt --out videos/
-
-Also runnable as `python -m gendistill.video_distill.cli <command> ...` (and so under torchrun).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-__all__ = ["add_finetune_parser", "add_generate_parser", "run_finetune", "run_generate", "main"]
+__all__ = ["add_finetune_parser", "add_generate_parser", "run_finetune", "run_generate"]
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
@@ -75,21 +72,3 @@ def run_generate(args) -> None:
         print(f"generated {len(prompts)} video(s) in {args.out}/" + (f" ({len(paths)} by this process)"
                                                                     if len(paths) != len(prompts) else ""))
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gendistill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_finetune_parser(sub)
-    add_generate_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"gendistill {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
