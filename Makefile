@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gendistill render assets/scenes/snowman.ply --path orbit --frames 48 --size 256x256 --background 1,1,1 --out outputs/demo
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/gendistill edit --config configs/splat_edit/demo_cpu.yaml
+	OMP_WAIT_POLICY=PASSIVE $(PY) tools/check_demo.py --run outputs/demo
+	@echo "demo report: outputs/demo/report.html"
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q

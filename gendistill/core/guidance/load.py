@@ -99,6 +99,9 @@ def load_pipeline(
         if "safety_checker" in index:  # a guidance never needs it; skip loading it
             kwargs.setdefault("safety_checker", None)
             kwargs.setdefault("requires_safety_checker", False)
+        for name, entry in index.items():  # components saved as null (e.g. no VAE: a pixel-space UNet)
+            if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is None and entry[1] is None:
+                kwargs.setdefault(name, None)
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **kwargs)
         if device is None and cpu_offload is None and torch.cuda.is_available():
             device = "cuda"
