@@ -18,6 +18,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny scenes and models: one torch and numba thread avoids thread wake-up
+    costs that dominate on a busy machine."""
+    import numba
+
+    old = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(old[0])
+    numba.set_num_threads(old[1])
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs CUDA")
     for item in items:

@@ -25,17 +25,7 @@ from gendistill.splat_edit.part_masks import (
 PROMPT = "a snowman with a nose and a hat"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny scenes and models: one thread avoids thread wake-up costs that dominate on a busy machine."""
-    import numba
-
-    old = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(old[0])
-    numba.set_num_threads(old[1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_part_scene(n_per: int = 150) -> GaussianScene:
