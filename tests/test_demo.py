@@ -70,8 +70,8 @@ def test_demo_edit_turns_the_hat_blue_and_nothing_else(offline, tmp_path):
     mask = np.load(tmp_path / "masks3d" / "hat.npy")
     figures = check.demo_figures(before, after, edit_mask=mask)
     assert check.check(figures) == [], figures
-    assert figures["changed_outside_edit_mask"] == 0
-    # 3D-GALP finds most of the hat and (nearly) nothing else
-    assert figures["edit_mask_missed"] < 0.15 * figures["hat_gaussians"]
-    assert figures["edit_mask_false_positives"] < 0.03 * figures["hat_gaussians"]
+    assert figures["changed_outside_edit_mask"] == 0 and figures["changed_outside_true_part"] == 0
+    # 3D-GALP finds most of the hat and nothing else
+    assert figures["edit_mask_missed"] < 0.2 * figures["hat_gaussians"]
+    assert figures["edit_mask_false_positives"] == 0
     assert (tmp_path / "report.html").is_file()

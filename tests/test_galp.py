@@ -143,6 +143,29 @@ def test_two_parts_exact_split_from_clean_masks(trained):
     assert field.softness.shape == (len(scene),) and (field.softness >= 0).all()
 
 
+def test_unseen_gaussians_get_no_part():
+    # two small Gaussians inside the left sphere's opaque shell: every view sees them only through
+    # the shell, whose pixels say "left"; the masks carry no evidence about them: no part
+    scene, ids = two_part_scene(n_per=600)
+    scene.log_scales += math.log(1.3)  # a closed shell
+    inner = GaussianScene.from_points(torch.tensor([[-0.65, 0.02, 0.0], [-0.65, -0.02, 0.0]]), sh_degree=0,
+                                      init_opacity=0.95)
+    inner.log_scales.fill_(math.log(0.02))
+    inner.extras["part"] = torch.zeros(2, dtype=torch.int32)
+    scene = GaussianScene.concat([scene, inner])
+    cams = ring()
+    masks = truth_part_masks(scene, cams, torch.cat([ids, ids.new_zeros(2)]), 2)
+    cfg = GALPConfig(steps=100, n_anchors=100, knn=10)
+    field = LabelField(scene, cams, masks, ["left", "right"], cfg)
+    assert (field.view_weights[:, -2:].amax(0) > 0).all()
+    assert (field.view_weights[:, -2:].amax(0) < cfg.min_view_weight).all()
+    field.fit(progress=False)
+    assert field.unseen()[-2:].all() and not field.unseen()[:-2].all()
+    assert not field.masks_3d()[:, -2:].any()
+    assert torch.allclose(field.mean_labels()[-2:], torch.zeros(2, 3), atol=1e-6)  # black: no part
+    assert field.masks_3d()[0, : len(ids)][ids == 0].float().mean() > 0.9  # the shell is still "left"
+
+
 def test_view_contributions_sum_to_alpha():
     scene, _ = two_part_scene(50)
     cams = ring(2, 24)

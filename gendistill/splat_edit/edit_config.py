@@ -62,7 +62,10 @@ class SegmentConfig:
     indexed like the scene), "property" (an integer per-Gaussian property named by part_attr, its
     names in the `<part_attr>_names` PLY comment, like the demo scene), "galp" (train 3D-GALP here
     from the 2D masks of `mask_source`).
-    threshold: 3D-GALP label threshold (summed |difference| to the part code).
+    threshold: 3D-GALP label threshold (summed |difference| of the view-averaged label to the part
+    code). 0.3 is RoMaP's editing gate: only confidently labelled Gaussians change, so a boundary
+    Gaussian of a neighbouring part with a half-way label keeps its bytes (`gendistill segment`
+    writes its masks at 1.0, RoMaP's segmentation threshold).
     parts: all parts for "galp" (default: just the edited one); mask_source / mask_options: a
     `MASK_SOURCES` entry and its options (e.g. {path: masks_dir} for "files"); galp: GALPConfig
     fields to override (e.g. {steps: 300}).
@@ -72,7 +75,7 @@ class SegmentConfig:
     mask_file: Optional[str] = None
     labelled_ply: Optional[str] = None
     part_attr: str = "part"
-    threshold: float = 1.0
+    threshold: float = 0.3
     parts: Optional[list[str]] = None
     mask_source: str = "files"
     mask_options: dict[str, Any] = field(default_factory=dict)

@@ -59,6 +59,10 @@ class GALPConfig:
     L1. softness_every: steps between softness / anchor updates. threshold: summed absolute
     difference to a part code below which a label counts as that part (3D and 2D masks).
     views_per_step: views rendered per step. softmax_temperature: of the cosine softmax in H_i.
+    min_view_weight: a Gaussian whose compositing weight (alpha * T summed over a view's pixels)
+    stays below this in every training view is unseen: the masks say nothing about it (inside an
+    occluder, L1 gradients of ~1e-4 still steer its label through Adam), so after fitting its label
+    is reset to black (no part). Editing it could not change any training view anyway.
     """
 
     sh_degree: int = 3
@@ -72,6 +76,7 @@ class GALPConfig:
     threshold: float = 1.0
     views_per_step: int = 1
     softmax_temperature: float = 1.0
+    min_view_weight: float = 1e-3
     seed: int = 0
     backend: str = "auto"
 
@@ -84,6 +89,8 @@ class GALPConfig:
             raise ValueError(f"GALPConfig: n_anchors must be >= 0 and knn >= 1, got {self.n_anchors}, {self.knn}")
         if self.lr <= 0 or self.threshold <= 0 or self.softmax_temperature <= 0:
             raise ValueError("GALPConfig: lr, threshold and softmax_temperature must be positive")
+        if self.min_view_weight < 0:
+            raise ValueError(f"GALPConfig.min_view_weight must be >= 0, got {self.min_view_weight}")
 
 
 # ---------------------------------------------------------------------- colour codes
@@ -440,8 +447,20 @@ class LabelField:
             self.step()
             if self.step_count % 10 == 0:
                 bar.set_postfix(l1=f"{self.last_losses['l1']:.4f}", nb=f"{self.last_losses['neighbor']:.4f}")
+        self.clear_unseen()
         self.update_softness()
         return self
+
+    def unseen(self) -> Tensor:
+        """[N] bool: Gaussians below `min_view_weight` in every training view."""
+        return self.view_weights.amax(dim=0) < self.config.min_view_weight
+
+    def clear_unseen(self) -> None:
+        """Reset the labels of unseen Gaussians to black (no part): DC (0 - 0.5) / C0, no higher orders."""
+        hidden = self.unseen()
+        with torch.no_grad():
+            self.dc[hidden] = -0.5 / SH_C0
+            self.rest[hidden] = 0.0
 
     def masks_3d(self, threshold: float | None = None) -> Tensor:
         """[P, N] bool 3D part masks (view-averaged over the training views)."""
