@@ -135,7 +135,8 @@ def test_two_parts_exact_split_from_clean_masks(trained):
     pred = field.masks_3d()
     assert pred.shape == (2, len(scene)) and pred.dtype == torch.bool
     assert torch.equal(pred[:, seen], truth[:, seen])
-    assert mask_iou(vote_masks(scene, cams, masks), truth, seen).min() == 1.0
+    # voting counts the pixels where a Gaussian is (nearly) hidden too: close, not exact
+    assert mask_iou(vote_masks(scene, cams, masks), truth, seen).min() > 0.98
     # 2D masks from the label field agree with the input masks almost everywhere
     m2 = field.masks_2d()
     assert m2.shape == masks.shape
@@ -187,15 +188,22 @@ def test_codes_within_is_disjoint():
     assert m[:, 4].tolist() == [True, False, False, False]
 
 
-def test_vote_masks_weighted_average():
+def test_vote_masks_average_over_pixels():
     scene, ids = two_part_scene(50)
     cams = ring(2, 24)
-    masks = torch.zeros(2, 1, 24, 24)
-    masks[0] = 1.0  # view 0 says "part" everywhere, view 1 nowhere
+    masks = torch.zeros(2, 2, 24, 24)
+    masks[0, 0] = 1.0  # part 0: view 0 says "part" everywhere, view 1 nowhere; part 1 the reverse
+    masks[1, 1] = 1.0
     _, scores = vote_masks(scene, cams, masks, return_scores=True)
     w = view_contributions(scene, cams)
-    expected = torch.where(w.sum(0) > 0, w[0] / w.sum(0).clamp_min(1e-12), torch.zeros(()))
-    assert torch.allclose(scores[0], expected, atol=1e-5)
+    seen = w.sum(0) > 0
+    assert torch.allclose(scores[0, seen] + scores[1, seen], torch.ones(())) and (scores[:, ~seen] == 0).all()
+    both = (w > 0).all(0)
+    assert both.sum() > 50
+    assert ((scores[0, both] > 0) & (scores[0, both] < 1)).all()
+    # each pixel counts once, not by alpha * T: a mostly hidden Gaussian votes as a visible one
+    weighted = w[0, both] / w[:, both].sum(0)
+    assert (scores[0, both] - weighted).abs().max() > 0.05
 
 
 def test_labelled_ply_round_trip(trained, tmp_path):

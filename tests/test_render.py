@@ -166,6 +166,29 @@ def test_small_blocks_and_batches_match(monkeypatch):
     assert np.abs(alphas.numpy() - ref_alphas).max() < 1e-6
 
 
+@pytest.mark.parametrize("small_blocks", [False, True])
+@pytest.mark.parametrize("case", ["rgb", "three-cameras-tile8", "dense-one-camera"])
+def test_pixel_votes_count_composited_pixels(case, small_blocks, monkeypatch):
+    """GaussianEditor's votes: per Gaussian, the pixels it composites into and the values summed there."""
+    if small_blocks:
+        monkeypatch.setattr(torch_backend, "BLOCK", 3)
+        monkeypatch.setattr(torch_backend, "PIXEL_BUDGET", 2 * 64 * 3)
+    scene_kw, kw = CASES[case]
+    scene, cfg = make_scene(**scene_kw)
+    w, h, ts = cfg["width"], cfg["height"], kw.get("tile_size", 16)
+    radii, means2d, depths, conics = project_gaussians(scene["means"], scene["quats"], scene["scales"],
+                                                       scene["opacities"], scene["viewmats"], scene["Ks"], w, h)
+    opac = scene["opacities"][None].expand(len(depths), -1)
+    values = torch.rand(len(depths), h, w, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counts, sums = torch_backend.pixel_votes(means2d, conics, opac, depths, radii, w, h, values, ts)
+    stats = {"values": values.numpy()}
+    reference_composite(means2d.numpy(), conics.numpy(), scene["colors"].numpy()[None].repeat(len(depths), 0),
+                        opac.numpy(), depths.numpy(), radii.numpy(), w, h, tile_size=ts, stats=stats)
+    assert stats["counts"].sum() > 50
+    np.testing.assert_array_equal(counts.numpy(), stats["counts"])
+    np.testing.assert_allclose(sums.numpy(), stats["sums"], atol=1e-9)
+
+
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_compositor_skips_indefinite_conics(backend):
     """sigma < 0 fragments (only possible for conics not from the projection) are skipped."""

@@ -9,6 +9,9 @@ every part are rendered from the truth for 24 views (two rings, 12 at 10 and 12 
 elevation); the noisy variant changes 30% of the views: every part boundary eroded or dilated
 by 2-5 pixels and a wrong blob (a disk of 5-9 px radius, given to a random part) painted in.
 
+Voting is GaussianEditor's `update_mask`: each Gaussian's mask value averaged over every pixel it
+composites into (each pixel once, as its `apply_weights` kernel counts), above 0.5.
+
 3D mIoU is the mean over parts of the IoU of the boolean 3D masks, counted over the Gaussians
 that contribute to some view: total compositing weight (sum of alpha * T over all pixels of all
 views) >= `--min-weight` (default 0.05 pixel). Gaussians hidden inside the figure are never seen

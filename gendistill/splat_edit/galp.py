@@ -18,7 +18,7 @@ Outputs: a boolean 3D mask per part (view-averaged label within `threshold`, sum
 difference, of the part code) and 2D masks per view (rendered label within `threshold`).
 
 The baseline `vote_masks` is GaussianEditor-style voting: each Gaussian's mask value averaged over
-the pixels it contributes to, weighted by its compositing weight alpha * T, then thresholded.
+the pixels it composites into (each pixel once, as GaussianEditor's kernel counts), thresholded.
 """
 
 from __future__ import annotations
@@ -263,27 +263,6 @@ def masks_2d(label_images: Tensor, colors: Tensor, threshold: float = 1.0) -> Te
 
 
 # ---------------------------------------------------------------------- voting baseline
-def _weighted_sums(scene: GaussianScene, cameras: Cameras, masks: Tensor | None, backend: str,
-                   chunk: int = 8) -> Tensor:
-    """[N, P + 1]: per Gaussian, sum over pixels of alpha*T*mask_p (P columns) and of alpha*T (last),
-    obtained as the gradient of the rendered features with respect to them."""
-    geo = _geometry(scene)
-    n = geo["means"].shape[0]
-    p = 0 if masks is None else masks.shape[1]
-    out = geo["means"].new_zeros(n, p + 1)
-    for s in range(0, len(cameras), chunk):
-        cams = cameras[list(range(s, min(s + chunk, len(cameras))))].to(geo["means"].device, geo["means"].dtype)
-        feats = geo["means"].new_zeros(n, p + 1, requires_grad=True)
-        render, _, _ = rasterize(geo["means"], geo["quats"], geo["scales"], geo["opacities"], feats,
-                                 cams.viewmats, cams.Ks, cams.width, cams.height, backend=backend)
-        weight = torch.ones_like(render)
-        if p:
-            weight[..., :p] = masks[s : s + len(cams)].to(render).permute(0, 2, 3, 1)
-        (grad,) = torch.autograd.grad((render * weight).sum(), feats)
-        out += grad
-    return out
-
-
 def view_contributions(scene: GaussianScene, cameras: Cameras, *, backend: str = "auto",
                        geometry: dict[str, Tensor] | None = None, chunk: int = 8) -> Tensor:
     """[C, N] compositing weight (sum of alpha * T over the view's pixels) of each Gaussian in each view."""
@@ -302,20 +281,36 @@ def view_contributions(scene: GaussianScene, cameras: Cameras, *, backend: str =
 def contribution_weights(scene: GaussianScene, cameras: Cameras, *, backend: str = "auto") -> Tensor:
     """[N] total compositing weight (sum of alpha * T over every pixel of every view) per Gaussian;
     0 for Gaussians no view sees."""
-    return _weighted_sums(scene, cameras, None, backend)[:, 0]
+    return view_contributions(scene, cameras, backend=backend).sum(dim=0)
 
 
 def vote_masks(scene: GaussianScene, cameras: Cameras, masks: Tensor, *, threshold: float = 0.5,
-               backend: str = "auto", return_scores: bool = False):
+               return_scores: bool = False, chunk: int = 8):
     """GaussianEditor-style voting: [P, N] bool, a Gaussian's mask value averaged over the pixels it
-    contributes to (weights alpha * T) above `threshold`. masks: [C, P, H, W] in [0, 1].
+    composites into in all views (each pixel counts once, whatever its alpha * T, as GaussianEditor's
+    `apply_weights` kernel), above `threshold`. masks: [C, P, H, W] in [0, 1].
 
-    With `return_scores`, also the [P, N] averages (0 for unseen Gaussians).
+    With `return_scores`, also the [P, N] averages (0 for Gaussians no view sees).
     """
+    from gendistill.core.render.projection import project_gaussians
+    from gendistill.core.render.torch_backend import pixel_votes
+
     _check_mask_shape(masks, cameras)
-    sums = _weighted_sums(scene, cameras, masks.float(), backend)
-    scores = (sums[:, :-1] / sums[:, -1:].clamp_min(1e-12)).T
-    scores = torch.where(sums[:, -1][None] > 0, scores, torch.zeros_like(scores))
+    geo = _geometry(scene)
+    n, p = geo["means"].shape[0], masks.shape[1]
+    counts, sums = geo["means"].new_zeros(n), geo["means"].new_zeros(n, p)
+    for s in range(0, len(cameras), chunk):
+        cams = cameras[list(range(s, min(s + chunk, len(cameras))))].to(geo["means"].device, geo["means"].dtype)
+        with torch.no_grad():
+            radii, means2d, depths, conics = project_gaussians(geo["means"], geo["quats"], geo["scales"],
+                                                               geo["opacities"], cams.viewmats, cams.Ks,
+                                                               cams.width, cams.height)
+            opac = geo["opacities"][None].expand(len(cams), -1)
+            values = masks[s : s + len(cams)].to(means2d).permute(0, 2, 3, 1)
+            c, v = pixel_votes(means2d, conics, opac, depths, radii, cams.width, cams.height, values)
+        counts += c.sum(0)
+        sums += v.sum(0)
+    scores = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], torch.zeros_like(sums)).T
     out = scores > threshold
     return (out, scores) if return_scores else out
 

@@ -300,3 +300,71 @@ def rasterize_to_pixels_torch(
     if backgrounds is not None:
         render = render + trans * backgrounds[:, None, None, :]
     return render, 1.0 - trans
+
+
+@torch.no_grad()
+def pixel_votes(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+    width: int,
+    height: int,
+    values: Tensor,
+    tile_size: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """Per Gaussian, the pixels it composites into and the sum of `values` over them, unweighted.
+
+    A Gaussian composites into a pixel as in `rasterize_to_pixels_torch`: alpha >= 1/255 and the
+    pixel not yet ended. This is what GaussianEditor's `apply_weights` kernel counts to lift 2D masks.
+
+    Args:
+        means2d, conics, opacities, depths, radii, width, height: as `rasterize_to_pixels_torch`.
+        values: [C, H, W, D] per-pixel values (masks).
+    Returns:
+        counts [C, N] (pixels) and sums [C, N, D].
+    """
+    n_cams, n = depths.shape
+    dtype, device = means2d.dtype, means2d.device
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    n_pix = tile_size * tile_size
+    flat_ids, offsets = tile_intersections(means2d, radii, depths, width, height, tile_size)
+    params = torch.cat([means2d, conics, opacities[..., None]], dim=-1).reshape(n_cams * n, 6).to(dtype)
+    a, b, c = conics.unbind(-1)
+    check_sigma = bool(((a <= 0) | (a * c - b * b <= 0))[(radii > 0).all(-1)].any())
+    vals = torch.nn.functional.pad(values.to(dtype), (0, 0, 0, tiles_x * tile_size - width, 0,
+                                                      tiles_y * tile_size - height))
+    vals = vals.reshape(n_cams, tiles_y, tile_size, tiles_x, tile_size, -1).permute(0, 1, 3, 2, 4, 5)
+    vals = vals.reshape(n_cams * tiles_y * tiles_x, n_pix, -1)  # [C*tiles, P, D]
+    counts = params.new_zeros(n_cams * n)
+    sums = params.new_zeros(n_cams * n, vals.shape[-1])
+    feats = _pixel_features(tile_size, device, dtype)
+    offs = torch.arange(tile_size, device=device)
+    last = max(flat_ids.numel() - 1, 0)
+    busy = torch.nonzero(offsets[1:] > offsets[:-1]).squeeze(-1)
+    for tiles in busy.split(max(1, PIXEL_BUDGET // (n_pix * BLOCK))):
+        start, stop = offsets[tiles], offsets[tiles + 1]
+        local = tiles % (tiles_x * tiles_y)
+        corner = torch.stack([local % tiles_x, torch.div(local, tiles_x, rounding_mode="floor")], -1) * tile_size
+        centre = corner.to(dtype) + tile_size / 2
+        done = ~(((corner[:, None, 0] + offs.repeat(tile_size)) < width)
+                 & ((corner[:, None, 1] + offs.repeat_interleave(tile_size)) < height))
+        trans = torch.ones(tiles.numel(), n_pix, device=device, dtype=dtype)
+        for s in range(0, int((stop - start).max()), BLOCK):
+            pos = start[:, None] + s + torch.arange(BLOCK, device=device)  # [B, K]
+            ids = flat_ids[pos.clamp_max(last)]
+            g = params[ids]
+            opac = torch.where(pos < stop[:, None], g[..., 5], 0.0)  # padding never composites
+            coef = _exponent_coefficients(g[..., :2] - centre[:, None], g[..., 2:5], opac)
+            log_o = torch.log(opac.clamp_min(1e-30)) if check_sigma else None
+            *_, weight, trans_after, finished = _block_forward(torch.where(done, T_EPS / 2, trans), coef, None,
+                                                                feats, log_o, bool(opac.max() > MAX_ALPHA))
+            hit = (weight > 0).to(dtype)  # [B, P, K]
+            counts.index_add_(0, ids.reshape(-1), hit.sum(1).reshape(-1))
+            sums.index_add_(0, ids.reshape(-1), torch.matmul(hit.transpose(1, 2), vals[tiles]).flatten(0, 1))
+            trans = torch.where(done, trans, trans_after)
+            done = done | finished
+            if bool(done.all()):
+                break
+    return counts.reshape(n_cams, n), sums.reshape(n_cams, n, -1)
