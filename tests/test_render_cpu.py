@@ -3,6 +3,7 @@
 import math
 
 import numba
+import numpy as np
 import pytest
 import torch
 
@@ -210,3 +211,13 @@ def test_independent_of_thread_count():
         numba.set_num_threads(before)
     assert torch.equal(res[0][0], res[-1][0])
     assert (res[0][1] - res[-1][1]).abs().max() < 1e-12
+
+
+def test_depth_order_is_a_stable_argsort():
+    from gendistill.core.render.cpu_backend import _depth_order
+
+    rng = np.random.default_rng(0)
+    ties = np.array([-2.5, -1.0, -0.0, 0.0, 1e-30, 0.5, 0.5, 3.0, np.inf, -np.inf], np.float32)
+    for x in (rng.choice(ties, size=(3, 500)), rng.standard_normal((2, 700)).astype(np.float32),
+              rng.choice(ties, size=(2, 300)).astype(np.float64)):
+        np.testing.assert_array_equal(_depth_order(x), np.argsort(x, axis=-1, kind="stable"))

@@ -5,7 +5,9 @@
     .venv/bin/python tools/bench_edit.py --device cuda --sizes 256 512
 
 Stages (PartEditor.step with profile=true, CUDA synchronised around each):
-  render           rasterizing the scene (frozen rest + the part) for the SDS and anchor views
+  render           rasterizing the scene (frozen rest + the part) for the SDS and anchor views; on
+                   CPU the rest's projection and render per view are cached (`RestCache`), which the
+                   anchor stage fills for the whole ring before the timed steps
   encode           VAE encoding of the SDS view (diffusion model)
   diffusion        the denoiser passes of the score-distillation gradient (diffusion model)
   backward model   the losses and their gradient w.r.t. the rendered pixels (through the VAE encoder)
@@ -14,6 +16,8 @@ Stages (PartEditor.step with profile=true, CUDA synchronised around each):
 "outside" is the share of render + backward render + optimizer in a step. Each size runs in its own
 process so that its peak memory (RSS on CPU, max allocated on CUDA) is its own. Times are medians over
 `--repeats` runs of `--steps` steps after 2 warm-up steps; on a shared machine they are noisy.
+The environment is passed on as it is: OMP_WAIT_POLICY=PASSIVE (as `make test` sets it) slows the
+many small torch ops of a CPU step, the tiny models' more than the renderer's.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def main() -> None:
         result = worker(args.worker, args.guidance, args.steps, args.repeats, args.device, args.threads)
         print("RESULT " + json.dumps(result))
         return
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ}
     results = []
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--worker", str(size), "--guidance", args.guidance, "--steps",

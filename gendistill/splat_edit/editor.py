@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gendistill.core.cameras import Cameras
-from gendistill.core.render import rasterize
+from gendistill.core.render import rasterize, select_backend
+from gendistill.core.render.rasterize import compositor, project_features
+from gendistill.core.render.torch_backend import boxes_touch, tile_boxes, touched_tiles
 from gendistill.core.render.sh import eval_sh
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit.edit_config import EditConfig
@@ -76,23 +78,113 @@ def _activated(means, quats, log_scales, opacity_logits, sh) -> dict[str, Tensor
             "sh": sh}
 
 
+TILE = 16  # compositor tile size (pixels)
+
+
+class RestCache:
+    """The frozen rest per camera, kept while it fits in `max_bytes`: its 2D Gaussians
+    (`project_features` without the batch axis), their tile boxes (empty for Gaussians that add
+    nothing to the view) and its render alone (with the background). The rest never changes during
+    an edit and the views come from a fixed ring, so after the first visit of a view a step projects
+    only the part and composites only the tiles the part touches, with the rest Gaussians that show
+    there; every other tile is the rest's render, exactly."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes, self.bytes, self.entries = max_bytes, 0, {}
+
+    @staticmethod
+    def key(cameras: Cameras, i: int) -> tuple:
+        return (cameras.viewmats[i].cpu().numpy().tobytes(), cameras.Ks[i].cpu().numpy().tobytes(),
+                cameras.width, cameras.height)
+
+    def add(self, key: tuple, entry: dict[str, Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in entry.values())
+        if self.bytes + size <= self.max_bytes:
+            self.entries[key] = entry
+            self.bytes += size
+
+
+@torch.no_grad()
+def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache | None,
+                composite, background: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """The rest in `cams`: `project_features` plus "boxes" ([C, n_rest, ...] each), from `cache` where
+    it can, and which cameras have a cached render alone ([C] bool; those renders as "image")."""
+    keys = [RestCache.key(cams, i) for i in range(len(cams))]
+    entries = {i: cache.entries[k] for i, k in enumerate(keys) if cache is not None and k in cache.entries}
+    missing = [i for i in range(len(cams)) if i not in entries]
+    if missing:
+        sub = cams[missing]
+        g = project_features(rest["means"], rest["quats"], rest["scales"], rest["opacities"], rest["sh"],
+                             sub.viewmats, sub.Ks, sub.width, sub.height, sh_degree=sh_degree)
+        g["boxes"] = tile_boxes(g["means2d"], g["radii"], TILE, -(-sub.width // TILE), -(-sub.height // TILE))
+        if cache is not None:
+            with torch.enable_grad():  # the gradient w.r.t. a constant channel is each Gaussian's sum of alpha * T
+                ones = g["colors"].new_ones(*g["colors"].shape[:2], 1, requires_grad=True)
+                image, _ = composite(g["means2d"], g["conics"], torch.cat([g["colors"], ones], dim=-1),
+                                     g["opacities"], g["depths"], g["radii"], sub.width, sub.height,
+                                     torch.cat([background[:3], background.new_ones(1)]).expand(len(sub), 4), TILE)
+                (seen,) = torch.autograd.grad(image[..., 3].sum(), ones)
+            g["image"] = torch.cat([image[..., :3].detach(), torch.zeros_like(image[..., 3:])], dim=-1)
+            # a rest Gaussian that adds nothing to the rest alone adds nothing with the part either
+            # (alpha < 1/255 wherever it is, or its pixels end before it: the part only lowers T)
+            g["boxes"] = g["boxes"] * (seen > 0)
+        for j, i in enumerate(missing):
+            entries[i] = {k: v[j] for k, v in g.items()}
+            if cache is not None:
+                cache.add(keys[i], entries[i])
+    cached = torch.tensor([cache is not None and k in cache.entries for k in keys])
+    out = {k: torch.stack([entries[i][k] for i in range(len(cams))]) for k in entries[0] if k != "image"}
+    if cached.any():
+        out["image"] = torch.stack([entries[i]["image"] if cached[i] else entries[int(cached.nonzero()[0])]["image"]
+                                    for i in range(len(cams))])
+    return out, cached
+
+
 def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Cameras, *, sh_degree: int,
-                background: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor, dict]:
+                background: Tensor, backend: str = "auto", rest_cache: RestCache | None = None
+                ) -> tuple[Tensor, Tensor, dict]:
     """Render the frozen rest and the part together, with the part's coverage as a 4th channel.
 
     rest / part: activated tensors (means [n,3], quats [n,4], scales [n,3], opacities [n], sh [n,K,3]);
-    the rest comes first in the render (meta["means2d"][:, n_rest:] is the part). background: [3].
-    Returns rgb [C,H,W,3], coverage [C,H,W] (sum of the part's alpha * T), meta.
+    the part comes last in the render (meta["means2d"][:, -n_part:] is the part). background: [3].
+    With the "cpu" and "torch" backends the rest is projected apart from the part, without autograd,
+    and with `rest_cache` (see `RestCache`) only the tiles the part touches are composited; gsplat
+    projects and composites everything in its fused kernels. The result is the same either way.
+    Returns rgb [C,H,W,3], coverage [C,H,W] (sum of the part's alpha * T), meta (means2d, radii,
+    width, height, n_cameras at least).
     """
     cams = cameras.to(rest["means"].device, rest["means"].dtype)
-    cat = {k: torch.cat([rest[k], part[k]]) for k in ("means", "quats", "scales", "opacities", "sh")}
-    campos = torch.linalg.inv(cams.viewmats)[:, :3, 3]
-    rgb = torch.clamp_min(eval_sh(sh_degree, cat["sh"][None], cat["means"][None] - campos[:, None]) + 0.5, 0.0)
-    flag = torch.cat([rest["means"].new_zeros(len(rest["means"])), part["means"].new_ones(len(part["means"]))])
-    feats = torch.cat([rgb, flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
-    bg = torch.cat([background.to(feats), feats.new_zeros(1)]).expand(len(cams), 4).contiguous()
-    out, _, meta = rasterize(cat["means"], cat["quats"], cat["scales"], cat["opacities"], feats, cams.viewmats,
-                             cams.Ks, cams.width, cams.height, backgrounds=bg, backend=backend)
+    n_rest, n_part = len(rest["means"]), len(part["means"])
+    bg = torch.cat([background.to(rest["means"]), rest["means"].new_zeros(1)]).expand(len(cams), 4).contiguous()
+    composite = compositor(select_backend(backend, rest["means"]))
+    if composite is None:
+        cat = {k: torch.cat([rest[k], part[k]]) for k in ("means", "quats", "scales", "opacities", "sh")}
+        campos = torch.linalg.inv(cams.viewmats)[:, :3, 3]
+        rgb = torch.clamp_min(eval_sh(sh_degree, cat["sh"][None], cat["means"][None] - campos[:, None]) + 0.5, 0.0)
+        flag = torch.cat([rest["means"].new_zeros(n_rest), part["means"].new_ones(n_part)])
+        feats = torch.cat([rgb, flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
+        out, _, meta = rasterize(cat["means"], cat["quats"], cat["scales"], cat["opacities"], feats, cams.viewmats,
+                                 cams.Ks, cams.width, cams.height, backgrounds=bg, backend=backend)
+        return out[..., :3], out[..., 3], meta
+    r, cached = _rest_views(rest, cams, sh_degree, rest_cache, composite, bg[0])
+    q = project_features(part["means"], part["quats"], part["scales"], part["opacities"], part["sh"], cams.viewmats,
+                         cams.Ks, cams.width, cams.height, sh_degree=sh_degree)
+    tiles_x, tiles_y = -(-cams.width // TILE), -(-cams.height // TILE)
+    hot = touched_tiles(tile_boxes(q["means2d"], q["radii"], TILE, tiles_x, tiles_y), tiles_x, tiles_y)
+    hot |= ~cached.to(hot.device)[:, None, None]  # no render of the rest alone: composite everything
+    near = boxes_touch(r["boxes"], hot)  # [C, n_rest]: rest Gaussians in a tile that is composited
+    keep = near.any(0).nonzero()[:, 0]
+    g = {k: torch.cat([r[k][:, keep], q[k]], dim=1) for k in q}
+    g["radii"] = g["radii"] * torch.cat([near[:, keep], near.new_ones(len(cams), n_part)], 1)[..., None]
+    flag = torch.cat([g["colors"].new_zeros(len(keep)), g["colors"].new_ones(n_part)])
+    feats = torch.cat([g["colors"], flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
+    out, _ = composite(g["means2d"], g["conics"], feats, g["opacities"], g["depths"], g["radii"], cams.width,
+                       cams.height, bg, TILE)
+    if "image" in r:
+        pixels = hot.repeat_interleave(TILE, 1).repeat_interleave(TILE, 2)[:, : cams.height, : cams.width]
+        out = torch.where(pixels[..., None], out, r["image"].to(out))
+    meta = {"means2d": g["means2d"], "radii": g["radii"], "width": cams.width, "height": cams.height,
+            "n_cameras": len(cams)}
     return out[..., :3], out[..., 3], meta
 
 
@@ -216,6 +308,7 @@ class PartEditor:
         self.rest = _activated(scene.means[keep], scene.quats[keep], scene.log_scales[keep],
                                scene.opacity_logits[keep], scene.sh[keep])
         self.rest_index = keep.nonzero()[:, 0]
+        self.rest_cache = RestCache()
         src = self.mask.nonzero()[:, 0]
         sh = remove_prior(scene.sh[src], torch.ones(len(src), dtype=torch.bool)) if cfg.prior_removal else scene.sh[src]
         raw = {"means": scene.means[src], "quats": scene.quats[src], "scales": scene.log_scales[src],
@@ -258,7 +351,8 @@ class PartEditor:
 
     def render(self, cameras: Cameras, part: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, dict]:
         return render_part(self.rest, part if part is not None else self.part_tensors(), cameras,
-                           sh_degree=self.sh_degree, background=self.background, backend=self.cfg.backend)
+                           sh_degree=self.sh_degree, background=self.background, backend=self.cfg.backend,
+                           rest_cache=self.rest_cache)
 
     def original_part(self) -> dict[str, Tensor]:
         s, m = self.scene, self.mask
@@ -353,10 +447,10 @@ class PartEditor:
 
     def _densify(self, meta: dict) -> None:
         """Run DefaultStrategy's post-backward on the part's slice of the render's means2d / radii."""
-        n_rest = len(self.rest["means"])
-        proxy = torch.zeros_like(meta["means2d"][:, n_rest:]).requires_grad_(True)
-        proxy.grad = meta["means2d"].grad[:, n_rest:].detach().float()
-        info = {"means2d": proxy, "radii": meta["radii"][:, n_rest:], "width": meta["width"],
+        start = meta["means2d"].shape[1] - len(self.params["means"])  # the part comes last
+        proxy = torch.zeros_like(meta["means2d"][:, start:]).requires_grad_(True)
+        proxy.grad = meta["means2d"].grad[:, start:].detach().float()
+        info = {"means2d": proxy, "radii": meta["radii"][:, start:], "width": meta["width"],
                 "height": meta["height"], "n_cameras": meta["n_cameras"], "gaussian_ids": None}
         self.strategy.step_post_backward(self.params, self.optimizers, self.state, self.step_count, info)
 

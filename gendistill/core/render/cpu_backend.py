@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .torch_backend import tile_boxes
+
 __all__ = ["rasterize_to_pixels_cpu"]
 
 ALPHA_MIN = 1.0 / 255.0  # fragments with a smaller alpha are skipped
@@ -341,18 +343,18 @@ def _pack(means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray) -> np.
     return recs
 
 
-def _tile_rects(means2d: torch.Tensor, radii: torch.Tensor, tile_size: int, tiles_w: int, tiles_h: int):
-    """[C,N,2] means and int radii -> [C*N, 4] int32 tile boxes, in the input dtype as gsplat does."""
-    r = radii.to(means2d.dtype) / tile_size
-    t = means2d / tile_size
-    lo = torch.floor(t - r)
-    hi = torch.ceil(t + r)
-    lim = means2d.new_tensor([tiles_w, tiles_h])
-    lo = torch.minimum(lo.clamp_min(0), lim)
-    hi = torch.minimum(hi.clamp_min(0), lim)
-    box = torch.cat([lo, hi], -1).nan_to_num(0.0).to(torch.int32)
-    box[(radii <= 0).any(-1)] = 0
-    return box.reshape(-1, 4).numpy()
+def _depth_order(depths: np.ndarray) -> np.ndarray:
+    """[C, N] -> [C, N] int64 front-to-back order per camera, ties by index (a stable argsort).
+
+    float32 depths become unique int64 keys (order-preserving bits, then the index), which an
+    unstable sort orders several times faster than a stable sort does the floats.
+    """
+    if depths.dtype != np.float32:
+        return np.argsort(depths, axis=-1, kind="stable").astype(np.int64)
+    bits = (depths + np.float32(0.0)).view(np.int32).astype(np.int64)  # + 0: -0.0 ties with 0.0
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their order, keep them below positives
+    keys = (bits << 32) | np.arange(depths.shape[-1], dtype=np.int64)
+    return np.argsort(keys, axis=-1)
 
 
 def _f64(x: torch.Tensor) -> np.ndarray:
@@ -371,8 +373,9 @@ class _RasterizeCPU(torch.autograd.Function):
         recs = _pack(_f64(means2d).reshape(-1, 2), _f64(conics).reshape(-1, 3), _f64(opacities).reshape(-1))
         cols = _f64(colors).reshape(-1, dim)
         bgs = np.zeros((n_cams, dim)) if backgrounds is None else _f64(backgrounds).reshape(n_cams, dim)
-        rects = _tile_rects(means2d.detach().cpu(), radii.detach().cpu(), tile_size, tiles_w, tiles_h)
-        order = np.argsort(depths.detach().cpu().numpy(), axis=-1, kind="stable").astype(np.int64)
+        rects = tile_boxes(means2d.detach().cpu(), radii.cpu(), tile_size, tiles_w, tiles_h).to(torch.int32)
+        rects = rects.reshape(-1, 4).numpy()
+        order = _depth_order(depths.detach().cpu().numpy())
         offsets, ids = _bin(rects, order.reshape(n_cams, n_gauss), n_cams, n_gauss, tiles_w, n_tiles)
         work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
         binned = (recs, cols, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles)

@@ -95,6 +95,57 @@ def select_backend(backend: str, means: Tensor) -> str:
     return backend
 
 
+def project_features(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    sh_degree: int | None = None,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    radius_clip: float = 0.0,
+) -> dict[str, Tensor]:
+    """The 2D Gaussians a compositor takes, per camera (arguments as `rasterize`).
+
+    Returns {"radii": [C, N, 2] int32, "means2d": [C, N, 2], "depths": [C, N], "conics": [C, N, 3],
+    "opacities": [C, N], "colors": [C, N, D]} (with `sh_degree`, clamp_min(SH(dir) + 0.5, 0)).
+    Gaussians are independent here: projecting two sets apart and concatenating them along N
+    gives what projecting them together does.
+    """
+    n_cams, n = viewmats.shape[0], means.shape[0]
+    radii, means2d, depths, conics = project_gaussians(
+        means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d, radius_clip
+    )
+    if sh_degree is None:
+        feats = colors if colors.dim() == 3 else colors[None].expand(n_cams, -1, -1)
+    else:
+        campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+        dirs = means[None, :, :] - campos[:, None, :]  # [C, N, 3]
+        coeffs = colors if colors.dim() == 4 else colors[None].expand(n_cams, -1, -1, -1)
+        feats = torch.clamp_min(eval_sh(sh_degree, coeffs, dirs) + 0.5, 0.0)
+    return {"radii": radii, "means2d": means2d, "depths": depths, "conics": conics,
+            "opacities": opacities[None, :].expand(n_cams, n), "colors": feats}
+
+
+def compositor(backend: str) -> Compositor | None:
+    """The `rasterize_to_pixels_*` function of a backend name ("cpu", "torch"); None for "gsplat",
+    whose kernels fuse projection and compositing."""
+    if backend == "torch":
+        return rasterize_to_pixels_torch
+    if backend == "cpu":
+        from .cpu_backend import rasterize_to_pixels_cpu  # lazy: numba compiles on first use
+
+        return rasterize_to_pixels_cpu
+    return None
+
+
 def composite_pipeline(
     compositor: Compositor,
     means: Tensor,
@@ -117,18 +168,11 @@ def composite_pipeline(
     tile_size: int = 16,
 ) -> tuple[Tensor, Tensor, dict]:
     """Projection, colours and render mode around `compositor` (a `rasterize_to_pixels_*` function)."""
-    n_cams, n = viewmats.shape[0], means.shape[0]
-    radii, means2d, depths, conics = project_gaussians(
-        means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d, radius_clip
-    )
-    opacities_c = opacities[None, :].expand(n_cams, n)
-    if sh_degree is None:
-        feats = colors if colors.dim() == 3 else colors[None].expand(n_cams, -1, -1)
-    else:
-        campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-        dirs = means[None, :, :] - campos[:, None, :]  # [C, N, 3]
-        coeffs = colors if colors.dim() == 4 else colors[None].expand(n_cams, -1, -1, -1)
-        feats = torch.clamp_min(eval_sh(sh_degree, coeffs, dirs) + 0.5, 0.0)
+    n_cams = viewmats.shape[0]
+    g = project_features(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
+                         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, radius_clip=radius_clip)
+    radii, means2d, depths, conics, feats = g["radii"], g["means2d"], g["depths"], g["conics"], g["colors"]
+    opacities_c = g["opacities"]
 
     if render_mode in ("RGB+D", "RGB+ED"):
         feats = torch.cat([feats, depths[..., None]], dim=-1)
@@ -175,9 +219,7 @@ def rasterize_torch(*args, **kwargs) -> tuple[Tensor, Tensor, dict]:
 @BACKENDS.register("cpu")
 def rasterize_cpu(*args, **kwargs) -> tuple[Tensor, Tensor, dict]:
     """The compiled CPU backend (numba compositor with its own backward)."""
-    from .cpu_backend import rasterize_to_pixels_cpu  # lazy: numba compiles on first use
-
-    return composite_pipeline(rasterize_to_pixels_cpu, *args, **kwargs)
+    return composite_pipeline(compositor("cpu"), *args, **kwargs)
 
 
 BACKENDS.register("gsplat")(rasterize_gsplat)

@@ -25,14 +25,50 @@ CHUNK_BLOCKS = 8  # blocks gathered from the per-Gaussian tensors at once
 PIXEL_BUDGET = 1 << 22  # tiles * pixels-per-tile * BLOCK elements per block tensor
 
 
+def tile_boxes(means2d: Tensor, radii: Tensor, tile_size: int, tiles_x: int, tiles_y: int) -> Tensor:
+    """The tiles each Gaussian touches, as gsplat's `isect_tiles` computes them (in the dtype of means2d).
+
+    Tiles tx in [floor(x/ts - rx/ts), ceil(x/ts + rx/ts)) clamped to [0, tiles_x], and y alike.
+    Args:
+        means2d: [..., 2]; radii: [..., 2] int, a Gaussian with a radius <= 0 touches nothing.
+    Returns:
+        [..., 4] int64 boxes (tx0, ty0, tx1, ty1), exclusive ends; all zero for culled Gaussians.
+    """
+    with torch.no_grad():
+        xy = means2d.detach() / tile_size
+        rad = radii.to(xy.dtype) / tile_size
+        lim = xy.new_tensor([tiles_x, tiles_y])
+        lo = torch.minimum(torch.floor(xy - rad).clamp_min(0), lim)
+        hi = torch.minimum(torch.ceil(xy + rad).clamp_min(0), lim)
+        box = torch.cat([lo, hi], -1).nan_to_num(0.0).long()
+        return box.masked_fill((radii <= 0).any(-1, keepdim=True), 0)
+
+
+def touched_tiles(boxes: Tensor, tiles_x: int, tiles_y: int) -> Tensor:
+    """[C, M, 4] tile boxes -> [C, tiles_y, tiles_x] bool: tiles inside at least one box."""
+    n_cams = boxes.shape[0]
+    diff = boxes.new_zeros(n_cams, (tiles_y + 1) * (tiles_x + 1))
+    valid = ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).long()
+    for yi, xi, sign in ((1, 0, 1), (1, 2, -1), (3, 0, -1), (3, 2, 1)):  # 2D difference array corners
+        diff.scatter_add_(1, boxes[..., yi] * (tiles_x + 1) + boxes[..., xi], sign * valid)
+    return diff.view(n_cams, tiles_y + 1, tiles_x + 1).cumsum(1).cumsum(2)[:, :tiles_y, :tiles_x] > 0
+
+
+def boxes_touch(boxes: Tensor, tiles: Tensor) -> Tensor:
+    """[C, M] bool: does box [C, M, 4] contain any tile set in `tiles` [C, tiles_y, tiles_x]?"""
+    n_cams = tiles.shape[0]
+    table = torch.nn.functional.pad(tiles.long().cumsum(1).cumsum(2), (1, 0, 1, 0)).view(n_cams, -1)
+    stride = tiles.shape[2] + 1
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    at = lambda y, x: torch.gather(table, 1, y * stride + x)  # noqa: E731
+    return (at(y1, x1) - at(y0, x1) - at(y1, x0) + at(y0, x0)) > 0
+
+
 def tile_intersections(
     means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int = 16
 ) -> tuple[Tensor, Tensor]:
-    """Which Gaussians touch which tiles, sorted by (camera, tile, depth), as gsplat's `isect_tiles`.
-
-    A Gaussian with radius <= 0 on either axis touches nothing; otherwise tiles
-    tx in [floor(x/ts - rx/ts), ceil(x/ts + rx/ts)) clamped to [0, tiles_x], and y alike.
-    Depth ties keep index order (gsplat's stable radix sort).
+    """Which Gaussians touch which tiles (`tile_boxes`), sorted by (camera, tile, depth), as gsplat's
+    `isect_tiles`. Depth ties keep index order (gsplat's stable radix sort).
 
     Args:
         means2d: [C, N, 2]; radii: [C, N, 2] int; depths: [C, N].
@@ -44,17 +80,9 @@ def tile_intersections(
     tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
     n_tiles = tiles_x * tiles_y
     with torch.no_grad():
-        xy = means2d.detach().reshape(-1, 2) / tile_size
-        rad = radii.reshape(-1, 2).to(xy.dtype) / tile_size
-        visible = (radii.reshape(-1, 2) > 0).all(-1)
-        lo = torch.floor(xy - rad)
-        hi = torch.ceil(xy + rad)
-        x0 = lo[:, 0].clamp(0, tiles_x).long()
-        y0 = lo[:, 1].clamp(0, tiles_y).long()
-        x1 = hi[:, 0].clamp(0, tiles_x).long()
-        y1 = hi[:, 1].clamp(0, tiles_y).long()
+        x0, y0, x1, y1 = tile_boxes(means2d, radii, tile_size, tiles_x, tiles_y).reshape(-1, 4).unbind(-1)
         w = (x1 - x0).clamp_min(0)
-        count = torch.where(visible, w * (y1 - y0).clamp_min(0), 0)
+        count = w * (y1 - y0).clamp_min(0)
         # front to back over every (camera, Gaussian); stable so that ties keep index order
         order = torch.sort(depths.detach().reshape(-1), stable=True).indices
         order = order[count[order] > 0]
