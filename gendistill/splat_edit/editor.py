@@ -38,7 +38,7 @@ from torch import Tensor
 
 from gendistill.core.cameras import Cameras
 from gendistill.core.render import rasterize, select_backend
-from gendistill.core.render.rasterize import compositor, project_features
+from gendistill.core.render.rasterize import compositor, project_features, projector
 from gendistill.core.render.torch_backend import boxes_touch, tile_boxes, touched_tiles
 from gendistill.core.render.sh import eval_sh
 from gendistill.core.scene import GaussianScene
@@ -106,7 +106,7 @@ class RestCache:
 
 @torch.no_grad()
 def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache | None,
-                composite, background: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+                composite, project, background: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """The rest in `cams`: `project_features` plus "boxes" ([C, n_rest, ...] each), from `cache` where
     it can, and which cameras have a cached render alone ([C] bool; those renders as "image")."""
     keys = [RestCache.key(cams, i) for i in range(len(cams))]
@@ -115,7 +115,7 @@ def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: R
     if missing:
         sub = cams[missing]
         g = project_features(rest["means"], rest["quats"], rest["scales"], rest["opacities"], rest["sh"],
-                             sub.viewmats, sub.Ks, sub.width, sub.height, sh_degree=sh_degree)
+                             sub.viewmats, sub.Ks, sub.width, sub.height, sh_degree=sh_degree, project=project)
         g["boxes"] = tile_boxes(g["means2d"], g["radii"], TILE, -(-sub.width // TILE), -(-sub.height // TILE))
         if cache is not None:
             with torch.enable_grad():  # the gradient w.r.t. a constant channel is each Gaussian's sum of alpha * T
@@ -156,7 +156,8 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
     cams = cameras.to(rest["means"].device, rest["means"].dtype)
     n_rest, n_part = len(rest["means"]), len(part["means"])
     bg = torch.cat([background.to(rest["means"]), rest["means"].new_zeros(1)]).expand(len(cams), 4).contiguous()
-    composite = compositor(select_backend(backend, rest["means"]))
+    name = select_backend(backend, rest["means"])
+    composite, project = compositor(name), projector(name)
     if composite is None:
         cat = {k: torch.cat([rest[k], part[k]]) for k in ("means", "quats", "scales", "opacities", "sh")}
         campos = torch.linalg.inv(cams.viewmats)[:, :3, 3]
@@ -166,9 +167,9 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
         out, _, meta = rasterize(cat["means"], cat["quats"], cat["scales"], cat["opacities"], feats, cams.viewmats,
                                  cams.Ks, cams.width, cams.height, backgrounds=bg, backend=backend)
         return out[..., :3], out[..., 3], meta
-    r, cached = _rest_views(rest, cams, sh_degree, rest_cache, composite, bg[0])
+    r, cached = _rest_views(rest, cams, sh_degree, rest_cache, composite, project, bg[0])
     q = project_features(part["means"], part["quats"], part["scales"], part["opacities"], part["sh"], cams.viewmats,
-                         cams.Ks, cams.width, cams.height, sh_degree=sh_degree)
+                         cams.Ks, cams.width, cams.height, sh_degree=sh_degree, project=project)
     tiles_x, tiles_y = -(-cams.width // TILE), -(-cams.height // TILE)
     hot = touched_tiles(tile_boxes(q["means2d"], q["radii"], TILE, tiles_x, tiles_y), tiles_x, tiles_y)
     hot |= ~cached.to(hot.device)[:, None, None]  # no render of the rest alone: composite everything

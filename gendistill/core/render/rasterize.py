@@ -111,8 +111,10 @@ def project_features(
     far_plane: float = 1e10,
     eps2d: float = 0.3,
     radius_clip: float = 0.0,
+    project: Callable = project_gaussians,
 ) -> dict[str, Tensor]:
-    """The 2D Gaussians a compositor takes, per camera (arguments as `rasterize`).
+    """The 2D Gaussians a compositor takes, per camera (arguments as `rasterize`; `project` is the
+    projection, `projector(backend)`).
 
     Returns {"radii": [C, N, 2] int32, "means2d": [C, N, 2], "depths": [C, N], "conics": [C, N, 3],
     "opacities": [C, N], "colors": [C, N, D]} (with `sh_degree`, clamp_min(SH(dir) + 0.5, 0)).
@@ -120,7 +122,7 @@ def project_features(
     gives what projecting them together does.
     """
     n_cams, n = viewmats.shape[0], means.shape[0]
-    radii, means2d, depths, conics = project_gaussians(
+    radii, means2d, depths, conics = project(
         means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d, radius_clip
     )
     if sh_degree is None:
@@ -146,6 +148,15 @@ def compositor(backend: str) -> Compositor | None:
     return None
 
 
+def projector(backend: str) -> Callable:
+    """The projection of a backend name: compiled for "cpu", `project_gaussians` (torch) otherwise."""
+    if backend == "cpu":
+        from .cpu_projection import project_gaussians_cpu  # lazy: numba compiles on first use
+
+        return project_gaussians_cpu
+    return project_gaussians
+
+
 def composite_pipeline(
     compositor: Compositor,
     means: Tensor,
@@ -166,11 +177,14 @@ def composite_pipeline(
     eps2d: float = 0.3,
     radius_clip: float = 0.0,
     tile_size: int = 16,
+    project: Callable = project_gaussians,
 ) -> tuple[Tensor, Tensor, dict]:
-    """Projection, colours and render mode around `compositor` (a `rasterize_to_pixels_*` function)."""
+    """Projection (`project`), colours and render mode around `compositor` (a `rasterize_to_pixels_*`
+    function)."""
     n_cams = viewmats.shape[0]
     g = project_features(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
-                         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, radius_clip=radius_clip)
+                         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, radius_clip=radius_clip,
+                         project=project)
     radii, means2d, depths, conics, feats = g["radii"], g["means2d"], g["depths"], g["conics"], g["colors"]
     opacities_c = g["opacities"]
 
@@ -219,7 +233,7 @@ def rasterize_torch(*args, **kwargs) -> tuple[Tensor, Tensor, dict]:
 @BACKENDS.register("cpu")
 def rasterize_cpu(*args, **kwargs) -> tuple[Tensor, Tensor, dict]:
     """The compiled CPU backend (numba compositor with its own backward)."""
-    return composite_pipeline(compositor("cpu"), *args, **kwargs)
+    return composite_pipeline(compositor("cpu"), *args, project=projector("cpu"), **kwargs)
 
 
 BACKENDS.register("gsplat")(rasterize_gsplat)
