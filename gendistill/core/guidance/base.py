@@ -10,6 +10,8 @@ so that d loss / d latents = grad / B exactly, whatever produced `grad`.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import torch
@@ -135,13 +137,19 @@ class Guidance:
         raise NotImplementedError
 
     # --- shared --------------------------------------------------------------------------------
-    @property
+    # read once: diffusers finds them by walking every module, which costs milliseconds a call
+    @functools.cached_property
     def device(self) -> torch.device:
+        """The pipeline's execution device (where offloading runs the models)."""
         return self.pipe._execution_device
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
+
+    @functools.cached_property
+    def vae_dtype(self) -> torch.dtype:
+        return self.vae.dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -206,7 +214,7 @@ class Guidance:
         x = images * 2.0 - 1.0
         if self.vae is None:
             return x.float()
-        posterior = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        posterior = self.vae.encode(x.to(self.vae_dtype)).latent_dist
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((z.float() - shift) * self.vae.config.scaling_factor).float()
@@ -217,7 +225,7 @@ class Guidance:
             return ((latents.float() + 1.0) / 2.0).clamp(0, 1)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.float() / self.vae.config.scaling_factor + shift
-        images = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        images = self.vae.decode(z.to(self.vae_dtype)).sample.float()
         return ((images + 1.0) / 2.0).clamp(0, 1)
 
     def check_latents(self, latents: torch.Tensor) -> torch.Tensor:
