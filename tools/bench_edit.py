@@ -39,6 +39,11 @@ GUIDANCE = {  # tiny pipeline -> overrides of configs/splat_edit/tiny_cpu.yaml
     "sd3": [],
     "sd": ["guidance.tiny=sd", "guidance.kind=sds", "guidance.weighting=sds", "guidance.t_range=[0.02,0.98]",
            "guidance.pipeline_kwargs={}"],
+    # the bundled demo model (assets/models/snowman-tiny, 32x32 pixel space), as `make demo` uses it
+    "demo": [f"guidance.model={ROOT / 'assets/models/snowman-tiny'}", "guidance.tiny=null", "guidance.kind=sds",
+             "guidance.weighting=sds", "guidance.guidance_scale=20.0", "guidance.t_range=[0.2,0.9]",
+             "guidance.resolution=[32,32]", "guidance.pipeline_kwargs={}", "anchors.method=none", "anchors.count=0",
+             "lambda_anchor=0.0", "batch_size=4"],
     "ip2p": ["guidance.tiny=ip2p", "guidance.kind=ip2p", "guidance.guidance_scale=7.5", "guidance.weighting=sds",
              "guidance.t_range=[0.02,0.98]", "guidance.pipeline_kwargs={}", "anchors.ip2p_steps=2"],
 }
