@@ -83,8 +83,8 @@ def reference_composite(means2d, conics, colors, opacities, depths, radii, width
 
     Args: arrays shaped as `rasterize_to_pixels_torch`'s ([C,N,2], [C,N,3], [C,N,D], [C,N], [C,N], [C,N,2]);
         stats: optional dict, gets counts "ended_pixels", "capped_fragments", "skipped_fragments"; with
-        "values" [C,H,W,V] in it also "counts" [C,N] (pixels each Gaussian composites into) and
-        "sums" [C,N,V] (of the values over those pixels).
+        "values" [C,H,W,V] in it also "counts" [C,N] (pixels each Gaussian composites into), "ends"
+        [C,N] (pixels it ends) and "sums" [C,N,V] (of the values over the composited pixels).
     Returns: render [C,H,W,D], alphas [C,H,W,1] as float64 arrays.
     """
     stats = {} if stats is None else stats
@@ -95,6 +95,7 @@ def reference_composite(means2d, conics, colors, opacities, depths, radii, width
     values = stats.get("values")
     if values is not None:
         stats["counts"] = np.zeros((n_cams, n))
+        stats["ends"] = np.zeros((n_cams, n))
         stats["sums"] = np.zeros((n_cams, n, values.shape[-1]))
     alphas = np.zeros((n_cams, height, width, 1))
     cols, rows = np.meshgrid(np.arange(width), np.arange(height))  # [H, W]
@@ -131,6 +132,7 @@ def reference_composite(means2d, conics, colors, opacities, depths, radii, width
             hit &= ~stop
             if values is not None:
                 stats["counts"][ci, gi] = hit.sum()
+                stats["ends"][ci, gi] = stop.sum()
                 stats["sums"][ci, gi] = values[ci][hit].sum(0)
             acc[hit] += (alpha[hit] * trans[hit])[:, None] * np.asarray(colors[ci][gi])[None, :]
             trans = np.where(hit, next_t, trans)

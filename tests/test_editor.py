@@ -280,11 +280,14 @@ def test_galp_segmentation_then_reuse(tmp_path):
 
 
 # ---------------------------------------------------------------------- small stages
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_cached_rest_renders_exactly_as_a_full_render(backend):
+@pytest.mark.parametrize("backend,opaque", [("cpu", False), ("cpu", True), ("torch", True)])
+def test_cached_rest_renders_exactly_as_a_full_render(backend, opaque):
     # the cache projects only the part, composites only the tiles it touches and drops rest Gaussians
-    # that add nothing to a view: images, coverage and part gradients must not change
+    # that never show in a view: images, coverage and part gradients must not change. Opaque: alpha
+    # 0.999 everywhere, so most pixels end at a fragment that is not composited but hides the rest
     scene = GaussianScene.load_ply(SCENE)
+    if opaque:
+        scene.opacity_logits.fill_(10.0)
     hat = scene.extras["part"] == 3
     lo, hi = scene.bbox(0.01)
     cams = orbit_path((lo + hi).double() / 2, 2.6 * float((hi - lo).norm()) / 2, 5, elevation_deg=25, width=40,
@@ -315,6 +318,11 @@ def test_cached_rest_renders_exactly_as_a_full_render(backend):
         for g, f in zip(got[2], full[2]):
             assert torch.allclose(g, f, atol=1e-5, rtol=1e-4)
     assert full[1].amax((1, 2))[:5].min() > 0.5 and full[0][5].std() > 0  # the hat shows; the last is inside
+    # a float64 rest with the editor's float32 part parameters
+    rest64 = {k: v.double() for k, v in rest.items()}
+    rgb64, cov64, _ = render_part(rest64, part, cams, sh_degree=scene.sh_degree, background=bg, backend=backend,
+                                  rest_cache=editor_mod.RestCache())
+    assert rgb64.dtype == torch.float64 and torch.allclose(rgb64.float(), full[0], atol=1e-3)
 
 
 def test_remove_prior_is_grey_and_leaves_the_rest():

@@ -169,7 +169,8 @@ def test_small_blocks_and_batches_match(monkeypatch):
 @pytest.mark.parametrize("small_blocks", [False, True])
 @pytest.mark.parametrize("case", ["rgb", "three-cameras-tile8", "dense-one-camera"])
 def test_pixel_votes_count_composited_pixels(case, small_blocks, monkeypatch):
-    """GaussianEditor's votes: per Gaussian, the pixels it composites into and the values summed there."""
+    """Per Gaussian, the pixels it composites into (GaussianEditor's votes, with the values summed there)
+    and the pixels it ends."""
     if small_blocks:
         monkeypatch.setattr(torch_backend, "BLOCK", 3)
         monkeypatch.setattr(torch_backend, "PIXEL_BUDGET", 2 * 64 * 3)
@@ -180,12 +181,13 @@ def test_pixel_votes_count_composited_pixels(case, small_blocks, monkeypatch):
                                                        scene["opacities"], scene["viewmats"], scene["Ks"], w, h)
     opac = scene["opacities"][None].expand(len(depths), -1)
     values = torch.rand(len(depths), h, w, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    counts, sums = torch_backend.pixel_votes(means2d, conics, opac, depths, radii, w, h, values, ts)
+    counts, ends, sums = torch_backend.pixel_votes(means2d, conics, opac, depths, radii, w, h, values, ts)
     stats = {"values": values.numpy()}
     reference_composite(means2d.numpy(), conics.numpy(), scene["colors"].numpy()[None].repeat(len(depths), 0),
                         opac.numpy(), depths.numpy(), radii.numpy(), w, h, tile_size=ts, stats=stats)
     assert stats["counts"].sum() > 50
     np.testing.assert_array_equal(counts.numpy(), stats["counts"])
+    np.testing.assert_array_equal(ends.numpy(), stats["ends"])
     np.testing.assert_allclose(sums.numpy(), stats["sums"], atol=1e-9)
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from gendistill.core.cameras import Cameras
 from gendistill.core.render import rasterize, select_backend
 from gendistill.core.render.rasterize import compositor, project_features, projector
-from gendistill.core.render.torch_backend import boxes_touch, tile_boxes, touched_tiles
+from gendistill.core.render.torch_backend import boxes_touch, pixel_votes, tile_boxes, touched_tiles
 from gendistill.core.render.sh import eval_sh
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit.edit_config import EditConfig
@@ -83,11 +83,12 @@ TILE = 16  # compositor tile size (pixels)
 
 class RestCache:
     """The frozen rest per camera, kept while it fits in `max_bytes`: its 2D Gaussians
-    (`project_features` without the batch axis), their tile boxes (empty for Gaussians that add
-    nothing to the view) and its render alone (with the background). The rest never changes during
-    an edit and the views come from a fixed ring, so after the first visit of a view a step projects
-    only the part and composites only the tiles the part touches, with the rest Gaussians that show
-    there; every other tile is the rest's render, exactly."""
+    (`project_features` without the batch axis), their tile boxes (empty for Gaussians that neither
+    composite into nor end any pixel of the view) and its render alone. The rest never changes
+    during an edit and the views come from a fixed ring, so after the first visit of a view a step
+    projects only the part and composites only the tiles the part touches, with the rest Gaussians
+    that show there; every other tile is the rest's render, exactly. One cache serves one rest,
+    SH degree and background (`PartEditor` owns one)."""
 
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes, self.bytes, self.entries = max_bytes, 0, {}
@@ -98,9 +99,10 @@ class RestCache:
                 cameras.width, cameras.height)
 
     def add(self, key: tuple, entry: dict[str, Tensor]) -> None:
+        """Keep a copy of `entry` if it fits (and `key` is new)."""
         size = sum(t.numel() * t.element_size() for t in entry.values())
-        if self.bytes + size <= self.max_bytes:
-            self.entries[key] = entry
+        if key not in self.entries and self.bytes + size <= self.max_bytes:
+            self.entries[key] = {k: v.clone() for k, v in entry.items()}
             self.bytes += size
 
 
@@ -114,29 +116,29 @@ def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: R
     missing = [i for i in range(len(cams)) if i not in entries]
     if missing:
         sub = cams[missing]
+        w, h = sub.width, sub.height
         g = project_features(rest["means"], rest["quats"], rest["scales"], rest["opacities"], rest["sh"],
-                             sub.viewmats, sub.Ks, sub.width, sub.height, sh_degree=sh_degree, project=project)
-        g["boxes"] = tile_boxes(g["means2d"], g["radii"], TILE, -(-sub.width // TILE), -(-sub.height // TILE))
-        if cache is not None:
-            with torch.enable_grad():  # the gradient w.r.t. a constant channel is each Gaussian's sum of alpha * T
-                ones = g["colors"].new_ones(*g["colors"].shape[:2], 1, requires_grad=True)
-                image, _ = composite(g["means2d"], g["conics"], torch.cat([g["colors"], ones], dim=-1),
-                                     g["opacities"], g["depths"], g["radii"], sub.width, sub.height,
-                                     torch.cat([background[:3], background.new_ones(1)]).expand(len(sub), 4), TILE)
-                (seen,) = torch.autograd.grad(image[..., 3].sum(), ones)
-            g["image"] = torch.cat([image[..., :3].detach(), torch.zeros_like(image[..., 3:])], dim=-1)
-            # a rest Gaussian that adds nothing to the rest alone adds nothing with the part either
-            # (alpha < 1/255 wherever it is, or its pixels end before it: the part only lowers T)
-            g["boxes"] = g["boxes"] * (seen > 0)
+                             sub.viewmats, sub.Ks, w, h, sh_degree=sh_degree, project=project)
+        g["boxes"] = tile_boxes(g["means2d"], g["radii"], TILE, -(-w // TILE), -(-h // TILE)).int()
+        per_view = sum(v[0].numel() * v.element_size() for v in g.values()) + h * w * 4 * g["colors"].element_size()
+        if cache is not None and cache.bytes + per_view * len(missing) <= cache.max_bytes:
+            feats = torch.cat([g["colors"], g["colors"].new_zeros(*g["colors"].shape[:2], 1)], dim=-1)
+            g["image"], _ = composite(g["means2d"], g["conics"], feats, g["opacities"], g["depths"], g["radii"], w, h,
+                                      background.expand(len(sub), 4).contiguous(), TILE)
+            # a rest Gaussian that neither composites into nor ends a pixel of the rest alone does neither
+            # with the part in front or behind (the part only lowers T): it never shows in this view
+            counts, ends, _ = pixel_votes(g["means2d"], g["conics"], g["opacities"], g["depths"], g["radii"], w, h,
+                                          tile_size=TILE)
+            g["boxes"] = g["boxes"] * ((counts + ends) > 0)[..., None]
         for j, i in enumerate(missing):
             entries[i] = {k: v[j] for k, v in g.items()}
-            if cache is not None:
+            if "image" in g:
                 cache.add(keys[i], entries[i])
     cached = torch.tensor([cache is not None and k in cache.entries for k in keys])
     out = {k: torch.stack([entries[i][k] for i in range(len(cams))]) for k in entries[0] if k != "image"}
     if cached.any():
-        out["image"] = torch.stack([entries[i]["image"] if cached[i] else entries[int(cached.nonzero()[0])]["image"]
-                                    for i in range(len(cams))])
+        some = int(cached.nonzero()[0])  # a stand-in where a camera has no render alone (all its tiles are composited)
+        out["image"] = torch.stack([entries[i if cached[i] else some]["image"] for i in range(len(cams))])
     return out, cached
 
 
@@ -154,6 +156,7 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
     width, height, n_cameras at least).
     """
     cams = cameras.to(rest["means"].device, rest["means"].dtype)
+    part = {k: v.to(rest["means"].dtype) for k, v in part.items()}
     n_rest, n_part = len(rest["means"]), len(part["means"])
     bg = torch.cat([background.to(rest["means"]), rest["means"].new_zeros(1)]).expand(len(cams), 4).contiguous()
     name = select_backend(backend, rest["means"])

@@ -307,7 +307,7 @@ def vote_masks(scene: GaussianScene, cameras: Cameras, masks: Tensor, *, thresho
                                                                cams.width, cams.height)
             opac = geo["opacities"][None].expand(len(cams), -1)
             values = masks[s : s + len(cams)].to(means2d).permute(0, 2, 3, 1)
-            c, v = pixel_votes(means2d, conics, opac, depths, radii, cams.width, cams.height, values)
+            c, _, v = pixel_votes(means2d, conics, opac, depths, radii, cams.width, cams.height, values)
         counts += c.sum(0)
         sums += v.sum(0)
     scores = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], torch.zeros_like(sums)).T

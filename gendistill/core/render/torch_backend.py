@@ -59,7 +59,7 @@ def boxes_touch(boxes: Tensor, tiles: Tensor) -> Tensor:
     n_cams = tiles.shape[0]
     table = torch.nn.functional.pad(tiles.long().cumsum(1).cumsum(2), (1, 0, 1, 0)).view(n_cams, -1)
     stride = tiles.shape[2] + 1
-    x0, y0, x1, y1 = boxes.unbind(-1)
+    x0, y0, x1, y1 = boxes.long().unbind(-1)
     at = lambda y, x: torch.gather(table, 1, y * stride + x)  # noqa: E731
     return (at(y1, x1) - at(y0, x1) - at(y1, x0) + at(y0, x0)) > 0
 
@@ -339,19 +339,21 @@ def pixel_votes(
     radii: Tensor,
     width: int,
     height: int,
-    values: Tensor,
+    values: Tensor | None = None,
     tile_size: int = 16,
-) -> tuple[Tensor, Tensor]:
-    """Per Gaussian, the pixels it composites into and the sum of `values` over them, unweighted.
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per Gaussian, the pixels it composites into (unweighted), the pixels it ends, and the sum of
+    `values` over the pixels it composites into.
 
-    A Gaussian composites into a pixel as in `rasterize_to_pixels_torch`: alpha >= 1/255 and the
-    pixel not yet ended. This is what GaussianEditor's `apply_weights` kernel counts to lift 2D masks.
+    As in `rasterize_to_pixels_torch`, a Gaussian composites into a pixel when alpha >= 1/255 and the
+    pixel has not ended; it ends the pixel instead when it would bring T to 1e-4 or below. The
+    composited counts and sums are what GaussianEditor's `apply_weights` kernel uses to lift 2D masks.
 
     Args:
         means2d, conics, opacities, depths, radii, width, height: as `rasterize_to_pixels_torch`.
-        values: [C, H, W, D] per-pixel values (masks).
+        values: [C, H, W, D] per-pixel values (masks) or None.
     Returns:
-        counts [C, N] (pixels) and sums [C, N, D].
+        counts [C, N], ends [C, N] (pixels), sums [C, N, D] (None without values).
     """
     n_cams, n = depths.shape
     dtype, device = means2d.dtype, means2d.device
@@ -361,12 +363,14 @@ def pixel_votes(
     params = torch.cat([means2d, conics, opacities[..., None]], dim=-1).reshape(n_cams * n, 6).to(dtype)
     a, b, c = conics.unbind(-1)
     check_sigma = bool(((a <= 0) | (a * c - b * b <= 0))[(radii > 0).all(-1)].any())
-    vals = torch.nn.functional.pad(values.to(dtype), (0, 0, 0, tiles_x * tile_size - width, 0,
-                                                      tiles_y * tile_size - height))
-    vals = vals.reshape(n_cams, tiles_y, tile_size, tiles_x, tile_size, -1).permute(0, 1, 3, 2, 4, 5)
-    vals = vals.reshape(n_cams * tiles_y * tiles_x, n_pix, -1)  # [C*tiles, P, D]
-    counts = params.new_zeros(n_cams * n)
-    sums = params.new_zeros(n_cams * n, vals.shape[-1])
+    vals = None
+    if values is not None:
+        vals = torch.nn.functional.pad(values.to(dtype), (0, 0, 0, tiles_x * tile_size - width, 0,
+                                                          tiles_y * tile_size - height))
+        vals = vals.reshape(n_cams, tiles_y, tile_size, tiles_x, tile_size, -1).permute(0, 1, 3, 2, 4, 5)
+        vals = vals.reshape(n_cams * tiles_y * tiles_x, n_pix, -1)  # [C*tiles, P, D]
+    counts, ends = params.new_zeros(n_cams * n), params.new_zeros(n_cams * n)
+    sums = None if vals is None else params.new_zeros(n_cams * n, vals.shape[-1])
     feats = _pixel_features(tile_size, device, dtype)
     offs = torch.arange(tile_size, device=device)
     last = max(flat_ids.numel() - 1, 0)
@@ -386,13 +390,18 @@ def pixel_votes(
             opac = torch.where(pos < stop[:, None], g[..., 5], 0.0)  # padding never composites
             coef = _exponent_coefficients(g[..., :2] - centre[:, None], g[..., 2:5], opac)
             log_o = torch.log(opac.clamp_min(1e-30)) if check_sigma else None
-            *_, weight, trans_after, finished = _block_forward(torch.where(done, T_EPS / 2, trans), coef, None,
-                                                                feats, log_o, bool(opac.max() > MAX_ALPHA))
+            _, _, one_minus, before, weight, trans_after, finished = _block_forward(
+                torch.where(done, T_EPS / 2, trans), coef, None, feats, log_o, bool(opac.max() > MAX_ALPHA))
             hit = (weight > 0).to(dtype)  # [B, P, K]
+            # the fragment that ends a pixel: reached (T before it above 1e-4), alpha >= 1/255, not composited
+            end = ((before > T_EPS) & (one_minus < 1.0) & (weight == 0)).to(dtype)
             counts.index_add_(0, ids.reshape(-1), hit.sum(1).reshape(-1))
-            sums.index_add_(0, ids.reshape(-1), torch.matmul(hit.transpose(1, 2), vals[tiles]).flatten(0, 1))
+            ends.index_add_(0, ids.reshape(-1), end.sum(1).reshape(-1))
+            if vals is not None:
+                sums.index_add_(0, ids.reshape(-1), torch.matmul(hit.transpose(1, 2), vals[tiles]).flatten(0, 1))
             trans = torch.where(done, trans, trans_after)
             done = done | finished
             if bool(done.all()):
                 break
-    return counts.reshape(n_cams, n), sums.reshape(n_cams, n, -1)
+    return (counts.reshape(n_cams, n), ends.reshape(n_cams, n),
+            None if sums is None else sums.reshape(n_cams, n, -1))
