@@ -2,7 +2,6 @@
 demo edit (configs/splat_edit/demo_cpu.yaml) turns the snowman's hat blue and nothing else."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np

@@ -16,6 +16,7 @@ from gendistill.config import ConfigError
 from gendistill.core.cameras import orbit_path
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit import editor as editor_mod
+from gendistill.splat_edit import part_render
 from gendistill.cli import main as cli_main
 from gendistill.splat_edit.edit_config import load_edit_config
 from gendistill.splat_edit.editor import (
@@ -293,12 +294,12 @@ def test_cached_rest_renders_exactly_as_a_full_render(backend, opaque):
     cams = orbit_path((lo + hi).double() / 2, 2.6 * float((hi - lo).norm()) / 2, 5, elevation_deg=25, width=40,
                       height=34)
     cams = type(cams).cat([cams, orbit_path((lo + hi).double() / 2, 0.4, 1, elevation_deg=0, width=40, height=34)])
-    act = lambda m: editor_mod._activated(scene.means[m], scene.quats[m], scene.log_scales[m],  # noqa: E731
+    act = lambda m: part_render.activated(scene.means[m], scene.quats[m], scene.log_scales[m],  # noqa: E731
                                           scene.opacity_logits[m], scene.sh[m])
     rest = act(~hat)
     part = {k: v.clone().requires_grad_(True) for k, v in act(hat).items()}
     bg = torch.tensor([0.2, 0.5, 0.9])
-    cache = editor_mod.RestCache()
+    cache = part_render.RestCache()
 
     def render(c, cache):
         rgb, cov, meta = render_part(rest, part, c, sh_degree=scene.sh_degree, background=bg, backend=backend,
@@ -321,7 +322,7 @@ def test_cached_rest_renders_exactly_as_a_full_render(backend, opaque):
     # a float64 rest with the editor's float32 part parameters
     rest64 = {k: v.double() for k, v in rest.items()}
     rgb64, cov64, _ = render_part(rest64, part, cams, sh_degree=scene.sh_degree, background=bg, backend=backend,
-                                  rest_cache=editor_mod.RestCache())
+                                  rest_cache=part_render.RestCache())
     assert rgb64.dtype == torch.float64 and torch.allclose(rgb64.float(), full[0], atol=1e-3)
 
 
