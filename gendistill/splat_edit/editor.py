@@ -229,7 +229,8 @@ class PartEditor:
     def part_tensors(self) -> dict[str, Tensor]:
         """Activated part tensors (differentiable)."""
         sh = self.params["sh0"] if "shN" not in self.params else torch.cat([self.params["sh0"], self.params["shN"]], 1)
-        return activated(self.params["means"], self.params["quats"], self.params["scales"], self.params["opacities"], sh)
+        p = self.params
+        return activated(p["means"], p["quats"], p["scales"], p["opacities"], sh)
 
     def render(self, cameras: Cameras, part: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, dict]:
         return render_part(self.rest, part if part is not None else self.part_tensors(), cameras,

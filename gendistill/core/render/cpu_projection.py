@@ -101,7 +101,8 @@ def _forward(means, quats, scales, opacities, views, ks, width, height, near, fa
     total = n_cams * n
     n_chunks = min(total, 256)
     for ch in prange(n_chunks):
-        rq, m, sig, cov_c, tmp33 = np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3))
+        rq, m, sig, cov_c, tmp33 = (np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)),
+                                    np.empty((3, 3)))
         jac, tmp23, cov2d, w = np.empty((2, 3)), np.empty((2, 3)), np.empty((2, 2)), np.empty((3, 3))
         for i in range(ch * total // n_chunks, (ch + 1) * total // n_chunks):
             c, g = i // n, i % n
@@ -138,7 +139,8 @@ def _backward(means, quats, scales, views, ks, width, height, eps2d, radii, v_me
     n_cams, n = views.shape[0], means.shape[0]
     n_chunks = min(n, 256)
     for ch in prange(n_chunks):
-        rq, m, sig, cov_c, tmp33 = np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3))
+        rq, m, sig, cov_c, tmp33 = (np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)),
+                                    np.empty((3, 3)))
         jac, tmp23, cov2d = np.empty((2, 3)), np.empty((2, 3)), np.empty((2, 2))
         inv, gs, t22, v_cov2d = np.empty((2, 2)), np.empty((2, 2)), np.empty((2, 2)), np.empty((2, 2))
         v_cov_c, v_sigma, v_m, v_jac = np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((2, 3))
