@@ -15,6 +15,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from .cpu_backend import _f64
 from .projection import ALPHA_THRESHOLD, MAX_EXTEND, project_gaussians
 
 __all__ = ["project_gaussians_cpu"]
@@ -207,10 +208,6 @@ def _backward(means, quats, scales, views, ks, width, height, eps2d, radii, v_me
                     v_y += v_ty
                 for j in range(3):
                     v_means[g, j] += w[0, j] * v_x + w[1, j] * v_y + w[2, j] * v_z
-
-
-def _f64(x: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float64)
 
 
 class _ProjectCPU(torch.autograd.Function):
