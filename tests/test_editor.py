@@ -326,6 +326,28 @@ def test_cached_rest_renders_exactly_as_a_full_render(backend, opaque):
     assert rgb64.dtype == torch.float64 and torch.allclose(rgb64.float(), full[0], atol=1e-3)
 
 
+@pytest.mark.cuda
+def test_cached_torch_render_on_cuda_matches_gsplat():
+    # on a GPU the editor renders with gsplat; without it, with the cached torch path: they must agree
+    scene = GaussianScene.load_ply(SCENE).to("cuda")
+    hat = scene.extras["part"] == 3
+    lo, hi = scene.bbox(0.01)
+    cams = orbit_path((lo + hi).double().cpu() / 2, 2.6 * float((hi - lo).norm()) / 2, 4, elevation_deg=25, width=64,
+                      height=64)
+    act = lambda m: part_render.activated(scene.means[m], scene.quats[m], scene.log_scales[m],  # noqa: E731
+                                          scene.opacity_logits[m], scene.sh[m])
+    rest, part = act(~hat), act(hat)
+    bg = torch.tensor([0.2, 0.5, 0.9], device="cuda")
+    cache = part_render.RestCache()
+    out = {}
+    for backend, c in (("gsplat", None), ("torch", cache), ("torch", cache)):
+        out[backend] = render_part(rest, part, cams, sh_degree=scene.sh_degree, background=bg, backend=backend,
+                                   rest_cache=c)
+    assert len(cache.entries) == len(cams)
+    assert (out["gsplat"][0] - out["torch"][0]).abs().max() < 1e-3
+    assert (out["gsplat"][1] - out["torch"][1]).abs().max() < 1e-3
+
+
 def test_remove_prior_is_grey_and_leaves_the_rest():
     sh = torch.randn(5, 4, 3)
     mask = torch.tensor([True, False, True, False, False])

@@ -18,6 +18,6 @@ python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 start=$(date +%s)
 python3 -c "from gsplat.cuda._backend import _C; print('gsplat CUDA extension loaded:', _C is not None)" 2>&1 | tail -5 | tee "$out/gsplat_build.txt"
 echo "gsplat build seconds: $(( $(date +%s) - start ))" | tee -a "$out/gsplat_build.txt"
-python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_render.py 2>&1 | tail -40 | tee "$out/pytest_cuda.txt"
+python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_render.py tests/test_editor.py 2>&1 | tail -40 | tee "$out/pytest_cuda.txt"
 python3 tools/bench_render.py --backends gsplat,torch --repeats 5 2>&1 | tail -30 | tee "$out/bench_render_cuda.txt"
 python3 tools/bench_align.py --device cuda 2>&1 | tail -20 | tee "$out/bench_align_cuda.txt"
