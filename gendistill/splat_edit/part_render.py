@@ -25,13 +25,20 @@ def activated(means, quats, log_scales, opacity_logits, sh) -> dict[str, Tensor]
 TILE = 16  # compositor tile size (pixels)
 
 
+def pixel_boxes(means2d: Tensor, radii: Tensor, width: int, height: int) -> Tensor:
+    """[..., 4] pixel boxes (x0, y0, x1, y1), exclusive ends, holding every pixel where a Gaussian can
+    composite: its radii box (which bounds the ellipse where alpha >= 1/255) grown by one pixel
+    against rounding; empty for culled Gaussians."""
+    return tile_boxes(means2d, radii + (radii > 0).to(radii.dtype), 1, width, height)
+
+
 class RestCache:
     """The frozen rest per camera, kept while it fits in `max_bytes`: its 2D Gaussians
-    (`project_features` without the batch axis), their tile boxes (empty for Gaussians that neither
-    composite into nor end any pixel of the view) and its render alone. The rest never changes
-    during an edit and the views come from a fixed ring, so after the first visit of a view a step
-    projects only the part and composites only the tiles the part touches, with the rest Gaussians
-    that show there; every other tile is the rest's render, exactly. One cache serves one rest,
+    (`project_features` without the batch axis), their `pixel_boxes` (empty for Gaussians that
+    neither composite into nor end any pixel of the view) and its render alone. The rest never
+    changes during an edit and the views come from a fixed ring, so after the first visit of a view
+    a step projects only the part and composites only the pixels the part can reach, with the rest
+    Gaussians that show there; every other pixel is the rest's render, exactly. One cache serves one rest,
     SH degree and background (`PartEditor` owns one)."""
 
     def __init__(self, max_bytes: int = 1 << 30):
@@ -63,7 +70,7 @@ def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: R
         w, h = sub.width, sub.height
         g = project_features(rest["means"], rest["quats"], rest["scales"], rest["opacities"], rest["sh"],
                              sub.viewmats, sub.Ks, w, h, sh_degree=sh_degree, project=project)
-        g["boxes"] = tile_boxes(g["means2d"], g["radii"], TILE, -(-w // TILE), -(-h // TILE)).int()
+        g["boxes"] = pixel_boxes(g["means2d"], g["radii"], w, h).int()
         per_view = sum(v[0].numel() * v.element_size() for v in g.values()) + h * w * 4 * g["colors"].element_size()
         if cache is not None and cache.bytes + per_view * len(missing) <= cache.max_bytes:
             feats = torch.cat([g["colors"], g["colors"].new_zeros(*g["colors"].shape[:2], 1)], dim=-1)
@@ -94,7 +101,7 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
     rest / part: activated tensors (means [n,3], quats [n,4], scales [n,3], opacities [n], sh [n,K,3]);
     the part comes last in the render (meta["means2d"][:, -n_part:] is the part). background: [3].
     With the "cpu" and "torch" backends the rest is projected apart from the part, without autograd,
-    and with `rest_cache` (see `RestCache`) only the tiles the part touches are composited; gsplat
+    and with `rest_cache` (see `RestCache`) only the pixels the part can reach are composited; gsplat
     projects and composites everything in its fused kernels. The result is the same either way.
     Returns rgb [C,H,W,3], coverage [C,H,W] (sum of the part's alpha * T), meta (means2d, radii,
     width, height, n_cameras at least).
@@ -117,20 +124,18 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
     r, cached = _rest_views(rest, cams, sh_degree, rest_cache, composite, project, bg[0])
     q = project_features(part["means"], part["quats"], part["scales"], part["opacities"], part["sh"], cams.viewmats,
                          cams.Ks, cams.width, cams.height, sh_degree=sh_degree, project=project)
-    tiles_x, tiles_y = -(-cams.width // TILE), -(-cams.height // TILE)
-    hot = touched_tiles(tile_boxes(q["means2d"], q["radii"], TILE, tiles_x, tiles_y), tiles_x, tiles_y)
+    hot = touched_tiles(pixel_boxes(q["means2d"], q["radii"], cams.width, cams.height), cams.width, cams.height)
     hot |= ~cached.to(hot.device)[:, None, None]  # no render of the rest alone: composite everything
-    near = boxes_touch(r["boxes"], hot)  # [C, n_rest]: rest Gaussians in a tile that is composited
+    near = boxes_touch(r["boxes"], hot)  # [C, n_rest]: rest Gaussians that can reach a composited pixel
     keep = near.any(0).nonzero()[:, 0]
     g = {k: torch.cat([r[k][:, keep], q[k]], dim=1) for k in q}
     g["radii"] = g["radii"] * torch.cat([near[:, keep], near.new_ones(len(cams), n_part)], 1)[..., None]
     flag = torch.cat([g["colors"].new_zeros(len(keep)), g["colors"].new_ones(n_part)])
     feats = torch.cat([g["colors"], flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
     out, _ = composite(g["means2d"], g["conics"], feats, g["opacities"], g["depths"], g["radii"], cams.width,
-                       cams.height, bg, TILE)
+                       cams.height, bg, TILE, pixel_mask=hot)
     if "image" in r:
-        pixels = hot.repeat_interleave(TILE, 1).repeat_interleave(TILE, 2)[:, : cams.height, : cams.width]
-        out = torch.where(pixels[..., None], out, r["image"].to(out))
+        out = torch.where(hot[..., None], out, r["image"].to(out))
     meta = {"means2d": g["means2d"], "radii": g["radii"], "width": cams.width, "height": cams.height,
             "n_cameras": len(cams)}
     return out[..., :3], out[..., 3], meta

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .torch_backend import tile_boxes
+from .torch_backend import check_pixel_mask
 
 __all__ = ["rasterize_to_pixels_cpu"]
 
@@ -90,6 +90,51 @@ def _row_setup(rec, dy, x0, x1):
     return j0, j1, math.exp(-sigma), math.exp(-step), True
 
 
+@njit(cache=True, inline="always")
+def _active_spans(active, cam, x0, x1, y0, y1, lo, hi):
+    """lo[r], hi[r]: the columns from the first to past the last `active` pixel of row y0 + r of the
+    tile (lo = hi when none). Both passes draw fragments only there, with the same spans, so they
+    agree on which fragments count."""
+    for i in range(y0, y1):
+        lo[i - y0] = hi[i - y0] = x0
+        for j in range(x0, x1):
+            if active[cam, i, j]:
+                if hi[i - y0] == x0:
+                    lo[i - y0] = j
+                hi[i - y0] = j + 1
+
+
+@njit(cache=True)
+def _prepare(means2d, conics, opacities, radii, tile_size, tiles_w, tiles_h):
+    """Per (camera, Gaussian) row of [M, 2] means2d, [M, 3] conics, [M] opacities and [M, 2] radii
+    (radii in the float dtype of means2d): the [M, 8] float64 record (x, y, a, b, c, opacity, sigma
+    bound, positive-definite flag) and the [M, 4] int32 tile box, computed as `tile_boxes` does (in
+    the dtype of means2d; `tile_size` a scalar of that dtype)."""
+    n = means2d.shape[0]
+    recs = np.empty((n, _NP))
+    rects = np.zeros((n, 4), np.int32)
+    for g in range(n):
+        x, y = np.float64(means2d[g, 0]), np.float64(means2d[g, 1])
+        a, b, c = np.float64(conics[g, 0]), np.float64(conics[g, 1]), np.float64(conics[g, 2])
+        o = np.float64(opacities[g])
+        lim = -np.inf  # sigma >= 0 always, so a negative bound is never drawn
+        if o > 0.0:
+            lim = math.log(255.0 * o)
+            lim += _LIM_MARGIN * (1.0 + abs(lim))
+            if lim != lim:
+                lim = -np.inf
+        recs[g, 0], recs[g, 1], recs[g, 2], recs[g, 3], recs[g, 4], recs[g, 5], recs[g, 6] = x, y, a, b, c, o, lim
+        recs[g, 7] = 1.0 if a > 0.0 and c > 0.0 and a * c - b * b > _PD_MIN * a * c else 0.0
+        if radii[g, 0] > 0 and radii[g, 1] > 0:
+            tx, ty = means2d[g, 0] / tile_size, means2d[g, 1] / tile_size
+            rx, ry = radii[g, 0] / tile_size, radii[g, 1] / tile_size
+            rects[g, 0] = _clamp_int(np.floor(tx - rx), 0, tiles_w)
+            rects[g, 1] = _clamp_int(np.floor(ty - ry), 0, tiles_h)
+            rects[g, 2] = _clamp_int(np.ceil(tx + rx), 0, tiles_w)
+            rects[g, 3] = _clamp_int(np.ceil(ty + ry), 0, tiles_h)
+    return recs, rects
+
+
 @njit(cache=True)
 def _bin(rects, order, n_cams, n_gauss, tiles_w, n_tiles):
     """Per-tile lists of Gaussians, front to back.
@@ -147,8 +192,9 @@ def _assign(offsets, n_workers):
 
 @njit(cache=True, parallel=True)
 def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
-             render, trans, last):
-    """Composite every tile. Writes render [C,H,W,D], trans [C,H,W] (final T), last [C,H,W] int32."""
+             active, render, trans, last):
+    """Composite every tile's `active` [C,H,W] pixels (the others start ended). Writes render
+    [C,H,W,D], trans [C,H,W] (final T), last [C,H,W] int32."""
     dim = colors.shape[1]
     npix = tile_size * tile_size
     for w in prange(ptr.shape[0] - 1):
@@ -156,6 +202,9 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
         acc = np.empty((npix, dim))
         lst = np.empty(npix, np.int32)
         done = np.empty(npix, np.bool_)
+        left = np.empty(tile_size, np.int64)  # pixels of each tile row not ended yet
+        lo = np.empty(tile_size, np.int64)
+        hi = np.empty(tile_size, np.int64)
         for q in range(ptr[w], ptr[w + 1]):
             tile = work[q]
             cam = tile // n_tiles
@@ -170,8 +219,16 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
             t_buf[:n_here] = 1.0
             acc[:n_here] = 0.0
             lst[:n_here] = -1
-            done[:n_here] = False
             n_done = 0
+            _active_spans(active, cam, x0, x1, y0, y1, lo, hi)
+            for i in range(y0, y1):
+                left[i - y0] = bw
+                for j in range(x0, x1):
+                    p = (i - y0) * bw + (j - x0)
+                    done[p] = not active[cam, i, j]
+                    if done[p]:
+                        n_done += 1
+                        left[i - y0] -= 1
             start = offsets[tile]
             for k in range(start, offsets[tile + 1]):
                 if n_done == n_here:
@@ -184,8 +241,10 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
                 qq = math.exp(-a) if rec[7] != 0.0 else 0.0
                 i0, i1 = _row_span(rec, y0, y1)
                 for i in range(i0, i1):
+                    if left[i - y0] == 0:
+                        continue
                     dy = my - (i + 0.5)
-                    j0, j1, e, h, recur = _row_setup(rec, dy, x0, x1)
+                    j0, j1, e, h, recur = _row_setup(rec, dy, lo[i - y0], hi[i - y0])
                     for j in range(j0, j1):
                         vis = e
                         e *= h
@@ -207,6 +266,7 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
                         if t_next <= T_MIN:
                             done[p] = True
                             n_done += 1
+                            left[i - y0] -= 1
                             continue
                         vis = alpha * t_now
                         for d in range(dim):
@@ -225,7 +285,7 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
 
 @njit(cache=True, parallel=True)
 def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
-              trans, last, v_render, v_alpha_out, grads):
+              active, trans, last, v_render, v_alpha_out, grads):
     """Back-to-front pass per tile; grads [n_workers, C*N, 6 + D] gets, per worker, the sums of
     d/d(x, y, a, b, c, opacity, colour...) over the pixels that worker handled."""
     dim = colors.shape[1]
@@ -239,6 +299,9 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
         vra = np.empty(npix)
         bgdot = np.empty(npix)
         behind = np.empty((npix, dim))  # colour composited behind the current fragment
+        row_last = np.empty(tile_size, np.int32)  # the last fragment index of any pixel in each tile row
+        lo = np.empty(tile_size, np.int64)
+        hi = np.empty(tile_size, np.int64)
         loc = np.empty(dim)
         for q in range(ptr[w], ptr[w + 1]):
             tile = work[q]
@@ -251,12 +314,15 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
             y1 = min(y0 + tile_size, height)
             bw = x1 - x0
             k_max = -1
+            _active_spans(active, cam, x0, x1, y0, y1, lo, hi)
             for i in range(y0, y1):
+                row_last[i - y0] = -1
                 for j in range(x0, x1):
                     p = (i - y0) * bw + (j - x0)
                     t_fin[p] = trans[cam, i, j]
                     t_cur[p] = t_fin[p]
                     lst[p] = last[cam, i, j]
+                    row_last[i - y0] = max(row_last[i - y0], lst[p])
                     k_max = max(k_max, lst[p])
                     vra[p] = v_alpha_out[cam, i, j]
                     s = 0.0
@@ -278,8 +344,10 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
                 hit = False
                 i0, i1 = _row_span(rec, y0, y1)
                 for i in range(i0, i1):
+                    if kk > row_last[i - y0]:
+                        continue
                     dy = my - (i + 0.5)
-                    j0, j1, e, h, recur = _row_setup(rec, dy, x0, x1)
+                    j0, j1, e, h, recur = _row_setup(rec, dy, lo[i - y0], hi[i - y0])
                     for j in range(j0, j1):
                         vis = e
                         e *= h
@@ -328,21 +396,6 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
 # --------------------------------------------------------------------------- host side
 
 
-def _pack(means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray) -> np.ndarray:
-    """[M,2], [M,3], [M] float64 -> [M, 8] records (x, y, a, b, c, o, sigma bound, pd flag)."""
-    recs = np.zeros((means2d.shape[0], _NP))
-    recs[:, 0:2] = means2d
-    recs[:, 2:5] = conics
-    recs[:, 5] = opacities
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lim = np.log(255.0 * opacities)
-    lim = np.where(opacities > 0, lim + _LIM_MARGIN * (1.0 + np.abs(lim)), -np.inf)
-    recs[:, 6] = np.where(np.isnan(lim), -np.inf, lim)  # sigma >= 0 always, so lim < 0: never drawn
-    a, b, c = conics[:, 0], conics[:, 1], conics[:, 2]
-    recs[:, 7] = (a > 0) & (c > 0) & (a * c - b * b > _PD_MIN * a * c)
-    return recs
-
-
 def _depth_order(depths: np.ndarray) -> np.ndarray:
     """[C, N] -> [C, N] int64 front-to-back order per camera, ties by index (a stable argsort).
 
@@ -366,19 +419,24 @@ class _RasterizeCPU(torch.autograd.Function):
     """Forward: bin, composite. Backward: one back-to-front pass per tile, per-worker gradient sums."""
 
     @staticmethod
-    def forward(ctx, means2d, conics, colors, opacities, backgrounds, depths, radii, width, height, tile_size):
+    def forward(ctx, means2d, conics, colors, opacities, backgrounds, depths, radii, width, height, tile_size,
+                pixel_mask):
         n_cams, n_gauss, dim = colors.shape
         tiles_w, tiles_h = -(-width // tile_size), -(-height // tile_size)
         n_tiles = tiles_w * tiles_h
-        recs = _pack(_f64(means2d).reshape(-1, 2), _f64(conics).reshape(-1, 3), _f64(opacities).reshape(-1))
+        xy = np.ascontiguousarray(means2d.detach().cpu().numpy()).reshape(-1, 2)
+        recs, rects = _prepare(xy, np.ascontiguousarray(conics.detach().cpu().numpy()).reshape(-1, 3),
+                               np.ascontiguousarray(opacities.detach().cpu().numpy()).reshape(-1),
+                               radii.cpu().numpy().reshape(-1, 2).astype(xy.dtype), xy.dtype.type(tile_size),
+                               tiles_w, tiles_h)
         cols = _f64(colors).reshape(-1, dim)
         bgs = np.zeros((n_cams, dim)) if backgrounds is None else _f64(backgrounds).reshape(n_cams, dim)
-        rects = tile_boxes(means2d.detach().cpu(), radii.cpu(), tile_size, tiles_w, tiles_h).to(torch.int32)
-        rects = rects.reshape(-1, 4).numpy()
         order = _depth_order(depths.detach().cpu().numpy())
         offsets, ids = _bin(rects, order.reshape(n_cams, n_gauss), n_cams, n_gauss, tiles_w, n_tiles)
         work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
-        binned = (recs, cols, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles)
+        active = np.ones((n_cams, height, width), np.bool_) if pixel_mask is None else pixel_mask.cpu().numpy()
+        binned = (recs, cols, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
+                  np.ascontiguousarray(active))
 
         render = np.empty((n_cams, height, width, dim))
         trans = np.empty((n_cams, height, width))
@@ -412,13 +470,14 @@ class _RasterizeCPU(torch.autograd.Function):
         out = [t.to(device, dtype) for t, (dtype, device) in zip(out, ctx.like)]
         if not ctx.has_bg:
             out.append(None)
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def rasterize_to_pixels_cpu(means2d: torch.Tensor, conics: torch.Tensor, colors: torch.Tensor,
                             opacities: torch.Tensor, depths: torch.Tensor, radii: torch.Tensor,
                             width: int, height: int, backgrounds: torch.Tensor | None = None,
-                            tile_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                            tile_size: int = 16, pixel_mask: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Composite projected Gaussians into images on the CPU (numba), differentiably.
 
     Args:
@@ -431,6 +490,8 @@ def rasterize_to_pixels_cpu(means2d: torch.Tensor, conics: torch.Tensor, colors:
         width, height: image size in pixels.
         backgrounds: [C, D] or None (black).
         tile_size: tile edge in pixels; sets which Gaussians each pixel evaluates, as in gsplat.
+        pixel_mask: [C, H, W] bool or None (all): the pixels composited; the others get the
+            background and alpha 0 at no cost.
     Returns:
         render [C, H, W, D] and alphas [C, H, W, 1], in the dtype of `colors`; gradients flow to
         means2d, conics, colors, opacities and backgrounds.
@@ -447,5 +508,6 @@ def rasterize_to_pixels_cpu(means2d: torch.Tensor, conics: torch.Tensor, colors:
         raise ValueError(f"backgrounds must be [C, D] = {(n_cams, colors.shape[-1])}, got {tuple(backgrounds.shape)}")
     if int(tile_size) <= 0:
         raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+    check_pixel_mask(pixel_mask, n_cams, width, height)
     return _RasterizeCPU.apply(means2d, conics, colors, opacities, backgrounds, depths, radii,
-                               int(width), int(height), int(tile_size))
+                               int(width), int(height), int(tile_size), pixel_mask)

@@ -277,6 +277,7 @@ def rasterize_to_pixels_torch(
     height: int,
     backgrounds: Tensor | None = None,
     tile_size: int = 16,
+    pixel_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Alpha-composite projected Gaussians front to back, exactly as gsplat 1.5's classic rasterizer.
 
@@ -289,11 +290,14 @@ def rasterize_to_pixels_torch(
         means2d: [C, N, 2]; conics: [C, N, 3] (inverse covariance 00, 01, 11); colors: [C, N, D];
         opacities: [C, N]; depths: [C, N] (sort key only); radii: [C, N, 2] int, <= 0 means culled.
         width, height: image size; backgrounds: [C, D] or None; tile_size: tile edge in pixels.
+        pixel_mask: [C, H, W] bool or None (all): the pixels composited; the others get the
+            background and alpha 0 (the cpu compositor skips them; this one masks its result).
     Returns:
         render [C, H, W, D], alphas [C, H, W, 1]. Differentiable w.r.t. means2d, conics, colors,
         opacities and backgrounds.
     """
     n_cams, n, n_colors = colors.shape
+    check_pixel_mask(pixel_mask, n_cams, width, height)
     tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
     tiles_per_image = tiles_x * tiles_y
     flat_ids, offsets = tile_intersections(means2d, radii, depths, width, height, tile_size)
@@ -325,9 +329,19 @@ def rasterize_to_pixels_torch(
 
     render = to_image(out_colour)
     trans = to_image(out_trans[..., None])
+    if pixel_mask is not None:
+        on = pixel_mask[..., None].to(render.device)
+        render, trans = torch.where(on, render, 0.0), torch.where(on, trans, 1.0)
     if backgrounds is not None:
         render = render + trans * backgrounds[:, None, None, :]
     return render, 1.0 - trans
+
+
+def check_pixel_mask(pixel_mask: Tensor | None, n_cams: int, width: int, height: int) -> None:
+    """Raise unless `pixel_mask` is None or a [C, H, W] bool tensor."""
+    if pixel_mask is not None and (pixel_mask.dtype != torch.bool or pixel_mask.shape != (n_cams, height, width)):
+        raise ValueError(f"pixel_mask must be a bool tensor [C, H, W] = {[n_cams, height, width]}, got "
+                         f"{pixel_mask.dtype} {list(pixel_mask.shape)}")
 
 
 @torch.no_grad()
