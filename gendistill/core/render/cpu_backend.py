@@ -36,7 +36,9 @@ T_MIN = 1e-4  # a fragment that would bring T to this or below ends the pixel
 _LIM_MARGIN = 1e-6  # relative slack on the ellipse bound; the exact test decides inside it
 _SPAN_TOL = 1e-7  # relative slack (pixels) on the row and column spans, far above rounding errors
 _PD_MIN = 1e-6  # conics with det < this * a * c are scanned pixel by pixel (spans ill-conditioned)
-_NP = 8  # packed per-Gaussian record: x, y, a, b, c, opacity, sigma bound, positive-definite flag
+_NP = 11  # per-Gaussian record: x, y, a, b, c, opacity, sigma bound, positive-definite flag, then the
+# ellipse's half-height ey and half-width ex at the bound (inf when not positive definite) and exp(-a)
+_RECUR_MIN = 3  # rows at least this long get exp(-sigma) by products; shorter ones per visited pixel
 
 
 # --------------------------------------------------------------------------- kernels
@@ -57,12 +59,23 @@ def _row_span(rec, y0, y1):
     """Rows [i0, i1) of the tile's [y0, y1) that can hold a fragment of Gaussian `rec`."""
     if rec[7] == 0.0:
         return y0, y1
-    a, b, c, lim = rec[2], rec[3], rec[4], rec[6]
-    ey = math.sqrt(2.0 * lim * a / (a * c - b * b))  # largest |dy| on the ellipse sigma = lim
+    ey = rec[8]
     tol = _SPAN_TOL * (1.0 + abs(rec[1]) + ey)
     i0 = _clamp_int(math.ceil(rec[1] - 0.5 - ey - tol), y0, y1)  # rows i with |my - (i + .5)| <= ey
     i1 = _clamp_int(math.floor(rec[1] - 0.5 + ey + tol) + 1.0, y0, y1)
     return i0, i1
+
+
+@njit(cache=True, inline="always")
+def _col_span(rec, x0, x1):
+    """Columns [j0, j1) of the tile's [x0, x1) that can hold a fragment of Gaussian `rec` in any row."""
+    if rec[7] == 0.0:
+        return x0, x1
+    ex = rec[9]
+    tol = _SPAN_TOL * (1.0 + abs(rec[0]) + ex)
+    j0 = _clamp_int(math.ceil(rec[0] - 0.5 - ex - tol), x0, x1)  # columns j with |mx - (j + .5)| <= ex
+    j1 = _clamp_int(math.floor(rec[0] - 0.5 + ex + tol) + 1.0, x0, x1)
+    return j0, j1
 
 
 @njit(cache=True, inline="always")
@@ -84,7 +97,7 @@ def _row_setup(rec, dy, x0, x1):
     j1 = _clamp_int(math.floor(jc + half + tol) + 1.0, x0, x1)
     dx = mx - (j0 + 0.5)
     step = 0.5 * a - a * dx - b * dy  # sigma(j0 + 1) - sigma(j0)
-    if j1 - j0 < 3 or a * (j1 - j0) + abs(step) > 60.0:
+    if j1 - j0 < _RECUR_MIN or a * (j1 - j0) + abs(step) > 60.0:
         return j0, j1, 0.0, 0.0, False
     sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
     return j0, j1, math.exp(-sigma), math.exp(-step), True
@@ -124,7 +137,14 @@ def _prepare(means2d, conics, opacities, radii, tile_size, tiles_w, tiles_h):
             if lim != lim:
                 lim = -np.inf
         recs[g, 0], recs[g, 1], recs[g, 2], recs[g, 3], recs[g, 4], recs[g, 5], recs[g, 6] = x, y, a, b, c, o, lim
-        recs[g, 7] = 1.0 if a > 0.0 and c > 0.0 and a * c - b * b > _PD_MIN * a * c else 0.0
+        pd = a > 0.0 and c > 0.0 and a * c - b * b > _PD_MIN * a * c
+        recs[g, 7] = 1.0 if pd else 0.0
+        recs[g, 8] = recs[g, 9] = np.inf
+        recs[g, 10] = 0.0
+        if pd:
+            ext = 2.0 * max(lim, 0.0) / (a * c - b * b)
+            recs[g, 8], recs[g, 9] = math.sqrt(ext * a), math.sqrt(ext * c)  # the largest |dy|, |dx| at sigma = lim
+            recs[g, 10] = math.exp(-a)
         if radii[g, 0] > 0 and radii[g, 1] > 0:
             tx, ty = means2d[g, 0] / tile_size, means2d[g, 1] / tile_size
             rx, ry = radii[g, 0] / tile_size, radii[g, 1] / tile_size
@@ -202,7 +222,8 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
         acc = np.empty((npix, dim))
         lst = np.empty(npix, np.int32)
         done = np.empty(npix, np.bool_)
-        left = np.empty(tile_size, np.int64)  # pixels of each tile row not ended yet
+        open_lo = np.empty(tile_size, np.int64)  # per tile row, the columns from the first to past the
+        open_hi = np.empty(tile_size, np.int64)  # last pixel not ended yet
         lo = np.empty(tile_size, np.int64)
         hi = np.empty(tile_size, np.int64)
         for q in range(ptr[w], ptr[w + 1]):
@@ -222,13 +243,12 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
             n_done = 0
             _active_spans(active, cam, x0, x1, y0, y1, lo, hi)
             for i in range(y0, y1):
-                left[i - y0] = bw
+                open_lo[i - y0], open_hi[i - y0] = lo[i - y0], hi[i - y0]
                 for j in range(x0, x1):
                     p = (i - y0) * bw + (j - x0)
                     done[p] = not active[cam, i, j]
                     if done[p]:
                         n_done += 1
-                        left[i - y0] -= 1
             start = offsets[tile]
             for k in range(start, offsets[tile + 1]):
                 if n_done == n_here:
@@ -238,11 +258,12 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
                 if rec[6] < 0.0:
                     continue
                 mx, my, a, b, c, opac = rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]
-                qq = math.exp(-a) if rec[7] != 0.0 else 0.0
+                qq = rec[10]
                 i0, i1 = _row_span(rec, y0, y1)
+                c0, c1 = _col_span(rec, x0, x1)
                 for i in range(i0, i1):
-                    if left[i - y0] == 0:
-                        continue
+                    if max(c0, open_lo[i - y0]) >= min(c1, open_hi[i - y0]):
+                        continue  # every pixel the Gaussian can reach in this row has ended
                     dy = my - (i + 0.5)
                     j0, j1, e, h, recur = _row_setup(rec, dy, lo[i - y0], hi[i - y0])
                     for j in range(j0, j1):
@@ -266,7 +287,11 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
                         if t_next <= T_MIN:
                             done[p] = True
                             n_done += 1
-                            left[i - y0] -= 1
+                            r = i - y0
+                            while open_lo[r] < open_hi[r] and done[r * bw + open_lo[r] - x0]:
+                                open_lo[r] += 1
+                            while open_hi[r] > open_lo[r] and done[r * bw + open_hi[r] - 1 - x0]:
+                                open_hi[r] -= 1
                             continue
                         vis = alpha * t_now
                         for d in range(dim):
@@ -299,9 +324,10 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
         vra = np.empty(npix)
         bgdot = np.empty(npix)
         behind = np.empty((npix, dim))  # colour composited behind the current fragment
-        row_last = np.empty(tile_size, np.int32)  # the last fragment index of any pixel in each tile row
         lo = np.empty(tile_size, np.int64)
         hi = np.empty(tile_size, np.int64)
+        open_lo = np.empty(tile_size, np.int64)  # per tile row, the columns from the first to past the last
+        open_hi = np.empty(tile_size, np.int64)  # pixel whose last fragment is at or behind the current one
         loc = np.empty(dim)
         for q in range(ptr[w], ptr[w + 1]):
             tile = work[q]
@@ -316,13 +342,12 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
             k_max = -1
             _active_spans(active, cam, x0, x1, y0, y1, lo, hi)
             for i in range(y0, y1):
-                row_last[i - y0] = -1
+                open_lo[i - y0], open_hi[i - y0] = x1, x0
                 for j in range(x0, x1):
                     p = (i - y0) * bw + (j - x0)
                     t_fin[p] = trans[cam, i, j]
                     t_cur[p] = t_fin[p]
                     lst[p] = last[cam, i, j]
-                    row_last[i - y0] = max(row_last[i - y0], lst[p])
                     k_max = max(k_max, lst[p])
                     vra[p] = v_alpha_out[cam, i, j]
                     s = 0.0
@@ -332,20 +357,27 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
                         s += bgs[cam, d] * vrc[p, d]
                     bgdot[p] = s
             start = offsets[tile]
+            by_last = np.argsort(-lst[: bw * (y1 - y0)])  # pixels open up as kk falls to their last fragment
+            nxt = 0
             for kk in range(k_max, -1, -1):
+                while nxt < by_last.shape[0] and lst[by_last[nxt]] >= kk:
+                    r, col = by_last[nxt] // bw, x0 + by_last[nxt] % bw
+                    open_lo[r], open_hi[r] = min(open_lo[r], col), max(open_hi[r], col + 1)
+                    nxt += 1
                 g = ids[start + kk]
                 rec = recs[g]
                 if rec[6] < 0.0:
                     continue
                 mx, my, a, b, c, opac = rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]
-                qq = math.exp(-a) if rec[7] != 0.0 else 0.0
+                qq = rec[10]
                 loc[:dim] = 0.0
                 gx = gy = ga = gb = gc = go = 0.0
                 hit = False
                 i0, i1 = _row_span(rec, y0, y1)
+                c0, c1 = _col_span(rec, x0, x1)
                 for i in range(i0, i1):
-                    if kk > row_last[i - y0]:
-                        continue
+                    if max(c0, open_lo[i - y0]) >= min(c1, open_hi[i - y0]):
+                        continue  # no pixel the Gaussian can reach in this row has it in front of its end
                     dy = my - (i + 0.5)
                     j0, j1, e, h, recur = _row_setup(rec, dy, lo[i - y0], hi[i - y0])
                     for j in range(j0, j1):
