@@ -11,9 +11,11 @@ span and, per row, the column span come from solving the conic's quadratic, with
 above rounding error so that the exact per-pixel test still decides every fragment. Along a row,
 sigma is quadratic in the column, so exp(-sigma) comes from two exponentials per row and products
 (relative error ~1e-15); forward and backward use the same spans and products, so they agree on
-which fragments count. Tiles are shared
-between the worker threads by a longest-job-first assignment; the backward pass gives each worker
-its own gradient buffer (no races, deterministic for a fixed thread count), summed at the end.
+which fragments count. A row is skipped when every pixel the Gaussian can reach there has ended
+(forward) or has its last fragment in front of this one (backward). With a `pixel_mask` only the
+masked pixels are composited (the editor composites just the pixels its part can reach). Tiles are
+shared between the worker threads by a longest-job-first assignment; the backward pass gives each
+worker its own gradient buffer (no races, deterministic for a fixed thread count), summed at the end.
 Everything is computed in float64; outputs come back in the input dtype.
 """
 
