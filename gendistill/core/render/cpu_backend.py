@@ -119,16 +119,15 @@ def _active_spans(active, cam, x0, x1, y0, y1, lo, hi):
                 hi[i - y0] = j + 1
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _prepare(means2d, conics, opacities, radii, tile_size, tiles_w, tiles_h):
     """Per (camera, Gaussian) row of [M, 2] means2d, [M, 3] conics, [M] opacities and [M, 2] radii
-    (radii in the float dtype of means2d): the [M, 8] float64 record (x, y, a, b, c, opacity, sigma
-    bound, positive-definite flag) and the [M, 4] int32 tile box, computed as `tile_boxes` does (in
-    the dtype of means2d; `tile_size` a scalar of that dtype)."""
+    (radii in the float dtype of means2d): the [M, _NP] float64 record and the [M, 4] int32 tile box,
+    computed as `tile_boxes` does (in the dtype of means2d; `tile_size` a scalar of that dtype)."""
     n = means2d.shape[0]
     recs = np.empty((n, _NP))
     rects = np.zeros((n, 4), np.int32)
-    for g in range(n):
+    for g in prange(n):
         x, y = np.float64(means2d[g, 0]), np.float64(means2d[g, 1])
         a, b, c = np.float64(conics[g, 0]), np.float64(conics[g, 1]), np.float64(conics[g, 2])
         o = np.float64(opacities[g])
