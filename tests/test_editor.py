@@ -283,7 +283,7 @@ def test_galp_segmentation_then_reuse(tmp_path):
 # ---------------------------------------------------------------------- small stages
 @pytest.mark.parametrize("backend,opaque", [("cpu", False), ("cpu", True), ("torch", True)])
 def test_cached_rest_renders_exactly_as_a_full_render(backend, opaque):
-    # the cache projects only the part, composites only the tiles it touches and drops rest Gaussians
+    # the cache projects only the part, composites only the pixels it can reach and drops rest Gaussians
     # that never show in a view: images, coverage and part gradients must not change. Opaque: alpha
     # 0.999 everywhere, so most pixels end at a fragment that is not composited but hides the rest
     scene = GaussianScene.load_ply(SCENE)
