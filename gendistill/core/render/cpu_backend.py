@@ -39,7 +39,7 @@ _LIM_MARGIN = 1e-6  # relative slack on the ellipse bound; the exact test decide
 _SPAN_TOL = 1e-7  # relative slack (pixels) on the row and column spans, far above rounding errors
 _PD_MIN = 1e-6  # conics with det < this * a * c are scanned pixel by pixel (spans ill-conditioned)
 _NP = 11  # per-Gaussian record: x, y, a, b, c, opacity, sigma bound, positive-definite flag, then the
-# ellipse's half-height ey and half-width ex at the bound (inf when not positive definite) and exp(-a)
+# ellipse's half-width and half-height at the bound (inf when not positive definite) and exp(-a)
 _RECUR_MIN = 3  # rows at least this long get exp(-sigma) by products; shorter ones per visited pixel
 
 
@@ -57,27 +57,14 @@ def _clamp_int(v, lo, hi):
 
 
 @njit(cache=True, inline="always")
-def _row_span(rec, y0, y1):
-    """Rows [i0, i1) of the tile's [y0, y1) that can hold a fragment of Gaussian `rec`."""
+def _span(rec, axis, lo, hi):
+    """Pixels [p0, p1) of [lo, hi) along `axis` (0: columns, 1: rows) that can hold a fragment of
+    Gaussian `rec` in any row or column: those with |mean - (p + .5)| within the ellipse's extent."""
     if rec[7] == 0.0:
-        return y0, y1
-    ey = rec[8]
-    tol = _SPAN_TOL * (1.0 + abs(rec[1]) + ey)
-    i0 = _clamp_int(math.ceil(rec[1] - 0.5 - ey - tol), y0, y1)  # rows i with |my - (i + .5)| <= ey
-    i1 = _clamp_int(math.floor(rec[1] - 0.5 + ey + tol) + 1.0, y0, y1)
-    return i0, i1
-
-
-@njit(cache=True, inline="always")
-def _col_span(rec, x0, x1):
-    """Columns [j0, j1) of the tile's [x0, x1) that can hold a fragment of Gaussian `rec` in any row."""
-    if rec[7] == 0.0:
-        return x0, x1
-    ex = rec[9]
-    tol = _SPAN_TOL * (1.0 + abs(rec[0]) + ex)
-    j0 = _clamp_int(math.ceil(rec[0] - 0.5 - ex - tol), x0, x1)  # columns j with |mx - (j + .5)| <= ex
-    j1 = _clamp_int(math.floor(rec[0] - 0.5 + ex + tol) + 1.0, x0, x1)
-    return j0, j1
+        return lo, hi
+    m, ext = rec[axis], rec[8 + axis]
+    tol = _SPAN_TOL * (1.0 + abs(m) + ext)
+    return _clamp_int(math.ceil(m - 0.5 - ext - tol), lo, hi), _clamp_int(math.floor(m - 0.5 + ext + tol) + 1.0, lo, hi)
 
 
 @njit(cache=True, inline="always")
@@ -144,7 +131,7 @@ def _prepare(means2d, conics, opacities, radii, tile_size, tiles_w, tiles_h):
         recs[g, 10] = 0.0
         if pd:
             ext = 2.0 * max(lim, 0.0) / (a * c - b * b)
-            recs[g, 8], recs[g, 9] = math.sqrt(ext * a), math.sqrt(ext * c)  # the largest |dy|, |dx| at sigma = lim
+            recs[g, 8], recs[g, 9] = math.sqrt(ext * c), math.sqrt(ext * a)  # the largest |dx|, |dy| at sigma = lim
             recs[g, 10] = math.exp(-a)
         if radii[g, 0] > 0 and radii[g, 1] > 0:
             tx, ty = means2d[g, 0] / tile_size, means2d[g, 1] / tile_size
@@ -260,8 +247,8 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
                     continue
                 mx, my, a, b, c, opac = rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]
                 qq = rec[10]
-                i0, i1 = _row_span(rec, y0, y1)
-                c0, c1 = _col_span(rec, x0, x1)
+                i0, i1 = _span(rec, 1, y0, y1)
+                c0, c1 = _span(rec, 0, x0, x1)
                 for i in range(i0, i1):
                     if max(c0, open_lo[i - y0]) >= min(c1, open_hi[i - y0]):
                         continue  # every pixel the Gaussian can reach in this row has ended
@@ -374,8 +361,8 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
                 loc[:dim] = 0.0
                 gx = gy = ga = gb = gc = go = 0.0
                 hit = False
-                i0, i1 = _row_span(rec, y0, y1)
-                c0, c1 = _col_span(rec, x0, x1)
+                i0, i1 = _span(rec, 1, y0, y1)
+                c0, c1 = _span(rec, 0, x0, x1)
                 for i in range(i0, i1):
                     if max(c0, open_lo[i - y0]) >= min(c1, open_hi[i - y0]):
                         continue  # no pixel the Gaussian can reach in this row has it in front of its end
