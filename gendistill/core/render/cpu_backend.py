@@ -174,6 +174,30 @@ def _bin(rects, order, n_cams, n_gauss, tiles_w, n_tiles):
 
 
 @njit(cache=True)
+def _by_first_use(ids, recs, colors):
+    """The Gaussians the tile lists use, in the order they first appear there, so that the kernels
+    read their records and colours nearly in sequence (a cold cache costs them ~1.5x otherwise).
+    Returns (used [U] int64 indices into the rows, recs[used], colors[used], ids renumbered into used)."""
+    slot = np.full(recs.shape[0], -1, np.int32)
+    used = np.empty(recs.shape[0], np.int64)
+    n_used = 0
+    new_ids = np.empty_like(ids)
+    for k in range(ids.shape[0]):
+        g = ids[k]
+        if slot[g] < 0:
+            slot[g] = n_used
+            used[n_used] = g
+            n_used += 1
+        new_ids[k] = slot[g]
+    used = used[:n_used]
+    packed, cols = np.empty((n_used, recs.shape[1])), np.empty((n_used, colors.shape[1]))
+    for u in range(n_used):
+        packed[u] = recs[used[u]]
+        cols[u] = colors[used[u]]
+    return used, packed, cols, new_ids
+
+
+@njit(cache=True)
 def _assign(offsets, n_workers):
     """Longest-first assignment of all tiles to workers (cost ~ list length); returns (tile ids, ptr)."""
     n = offsets.shape[0] - 1
@@ -453,6 +477,7 @@ class _RasterizeCPU(torch.autograd.Function):
         bgs = np.zeros((n_cams, dim)) if backgrounds is None else _f64(backgrounds).reshape(n_cams, dim)
         order = _depth_order(depths.detach().cpu().numpy())
         offsets, ids = _bin(rects, order.reshape(n_cams, n_gauss), n_cams, n_gauss, tiles_w, n_tiles)
+        used, recs, cols, ids = _by_first_use(ids, recs, cols)
         work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
         active = np.ones((n_cams, height, width), np.bool_) if pixel_mask is None else pixel_mask.cpu().numpy()
         binned = (recs, cols, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
@@ -463,7 +488,7 @@ class _RasterizeCPU(torch.autograd.Function):
         last = np.empty((n_cams, height, width), np.int32)
         _forward(*binned, render, trans, last)
 
-        ctx.binned, ctx.trans, ctx.last = binned, trans, last
+        ctx.binned, ctx.trans, ctx.last, ctx.used, ctx.n_rows = binned, trans, last, used, n_cams * n_gauss
         ctx.has_bg = backgrounds is not None
         ctx.like = [(t.dtype, t.device) for t in (means2d, conics, colors, opacities)]
         if ctx.has_bg:
@@ -478,12 +503,13 @@ class _RasterizeCPU(torch.autograd.Function):
         binned, trans = ctx.binned, ctx.trans
         n_workers = binned[6].shape[0] - 1
         n_cams, height, width = trans.shape
-        n_gauss = binned[0].shape[0] // n_cams
         dim = binned[1].shape[1]
         v_r = _f64(v_render)
-        grads = np.zeros((n_workers, n_cams * n_gauss, 6 + dim))
+        grads = np.zeros((n_workers, binned[0].shape[0], 6 + dim))
         _backward(*binned, trans, ctx.last, v_r, _f64(v_alphas).reshape(trans.shape), grads)
-        g = torch.from_numpy(grads.sum(0) if n_workers > 1 else grads[0]).reshape(n_cams, n_gauss, 6 + dim)
+        g = np.zeros((ctx.n_rows, 6 + dim))
+        g[ctx.used] = grads.sum(0) if n_workers > 1 else grads[0]
+        g = torch.from_numpy(g).reshape(n_cams, -1, 6 + dim)
         out = [g[..., 0:2], g[..., 2:5], g[..., 6:], g[..., 5]]
         if ctx.has_bg:
             out.append(torch.from_numpy(np.einsum("chwd,chw->cd", v_r, trans)))
