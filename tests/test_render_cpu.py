@@ -195,6 +195,20 @@ def test_float32_matches_float64():
         assert (l32.grad.double() - l64.grad).abs().max() < 1e-4 * l64.grad.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    """Half inputs are composited in float32 inside; outputs and gradients come back in their dtype."""
+    width, height = 30, 24
+    scene = random_scene(1, 40, 3, width, height, seed=8)
+    (r32, a32), _ = call_both(tuple(x.float() if x.is_floating_point() else x for x in scene), width, height, True, 8)
+    half = [x.to(dtype) if x.is_floating_point() else x for x in scene]
+    m = half[0].clone().requires_grad_(True)
+    r, a = rasterize_to_pixels_cpu(m, *half[1:6], width, height, half[6], 8)
+    r.sum().backward()
+    assert r.dtype == dtype and m.grad.dtype == dtype and m.grad.abs().max() > 0
+    assert (r.float() - r32).abs().max() < 0.05 and (a.float() - a32).abs().max() < 0.05
+
+
 def test_independent_of_thread_count():
     width, height = 64, 48
     means2d, conics, colors, opacities, depths, radii, bg = random_scene(1, 300, 3, width, height, seed=2)

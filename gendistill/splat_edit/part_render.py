@@ -27,8 +27,8 @@ TILE = 16  # compositor tile size (pixels)
 
 def pixel_boxes(means2d: Tensor, radii: Tensor, width: int, height: int) -> Tensor:
     """[..., 4] pixel boxes (x0, y0, x1, y1), exclusive ends, holding every pixel where a Gaussian can
-    composite: its radii box (which bounds the ellipse where alpha >= 1/255) grown by one pixel
-    against rounding; empty for culled Gaussians."""
+    composite: its radii box (which bounds the ellipse where alpha >= 1/255 for opacities up to 1,
+    as `activated` gives) grown by one pixel against rounding; empty for culled Gaussians."""
     return tile_boxes(means2d, radii + (radii > 0).to(radii.dtype), 1, width, height)
 
 

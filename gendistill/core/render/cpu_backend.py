@@ -454,9 +454,16 @@ def _depth_order(depths: np.ndarray) -> np.ndarray:
     return np.argsort(keys, axis=-1)
 
 
+def _np(x: torch.Tensor) -> np.ndarray:
+    """A float tensor as a C-contiguous numpy array for the kernels: float32 or float64 as it is
+    (no copy when it already is one), narrower floats as float32."""
+    x = x.detach().cpu()
+    return np.ascontiguousarray((x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy())
+
+
 def _f64(x: torch.Tensor) -> np.ndarray:
     """A tensor as a C-contiguous float64 numpy array (a copy unless it already is one)."""
-    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float64)
+    return np.ascontiguousarray(x.detach().cpu().double().numpy())
 
 
 class _RasterizeCPU(torch.autograd.Function):
@@ -468,14 +475,13 @@ class _RasterizeCPU(torch.autograd.Function):
         n_cams, n_gauss, dim = colors.shape
         tiles_w, tiles_h = -(-width // tile_size), -(-height // tile_size)
         n_tiles = tiles_w * tiles_h
-        xy = np.ascontiguousarray(means2d.detach().cpu().numpy()).reshape(-1, 2)
-        recs, rects = _prepare(xy, np.ascontiguousarray(conics.detach().cpu().numpy()).reshape(-1, 3),
-                               np.ascontiguousarray(opacities.detach().cpu().numpy()).reshape(-1),
+        xy, cn, op = (_np(t) for t in (means2d, conics, opacities))
+        recs, rects = _prepare(xy.reshape(-1, 2), cn.reshape(-1, 3), op.reshape(-1),
                                radii.cpu().numpy().reshape(-1, 2).astype(xy.dtype), xy.dtype.type(tile_size),
                                tiles_w, tiles_h)
         cols = _f64(colors).reshape(-1, dim)
         bgs = np.zeros((n_cams, dim)) if backgrounds is None else _f64(backgrounds).reshape(n_cams, dim)
-        order = _depth_order(depths.detach().cpu().numpy())
+        order = _depth_order(_np(depths))
         offsets, ids = _bin(rects, order.reshape(n_cams, n_gauss), n_cams, n_gauss, tiles_w, n_tiles)
         used, recs, cols, ids = _by_first_use(ids, recs, cols)
         work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
