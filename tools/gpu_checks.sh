@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run on a CUDA machine: build gsplat's CUDA extension, run the CUDA-only tests
-# (parity of our backends with gsplat), then the render and alignment benchmarks on the GPU.
+# (parity of our backends with gsplat), then the render, alignment and edit-step benchmarks on the GPU.
 # Usage (repo root): bash tools/gpu_checks.sh [OUTDIR]   (wheels for missing packages in .whl/)
 set -u
 out=${1:-${OUT:-outputs/gpu}}
@@ -21,3 +21,4 @@ echo "gsplat build seconds: $(( $(date +%s) - start ))" | tee -a "$out/gsplat_bu
 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_render.py tests/test_editor.py 2>&1 | tail -40 | tee "$out/pytest_cuda.txt"
 python3 tools/bench_render.py --backends gsplat,torch --repeats 5 2>&1 | tail -30 | tee "$out/bench_render_cuda.txt"
 python3 tools/bench_align.py --device cuda 2>&1 | tail -20 | tee "$out/bench_align_cuda.txt"
+python3 tools/bench_edit.py --device cuda --sizes 64 128 256 --repeats 3 2>&1 | tail -8 | tee "$out/bench_edit_cuda.txt"
