@@ -9,6 +9,8 @@ from torch import Tensor
 
 from gendistill.core.cameras import Cameras
 from gendistill.core.render import rasterize, select_backend
+from gendistill.core.render.cpu_backend import rasterize_to_pixels_cpu
+from gendistill.core.render.cpu_layer import FrozenLayer, composite_with_layers, frozen_layer
 from gendistill.core.render.rasterize import compositor, project_features, projector
 from gendistill.core.render.sh import eval_sh
 from gendistill.core.render.torch_backend import boxes_touch, pixel_votes, tile_boxes, touched_tiles
@@ -33,13 +35,14 @@ def pixel_boxes(means2d: Tensor, radii: Tensor, width: int, height: int) -> Tens
 
 
 class RestCache:
-    """The frozen rest per camera, kept while it fits in `max_bytes`: its 2D Gaussians
-    (`project_features` without the batch axis), their `pixel_boxes` (empty for Gaussians that
-    neither composite into nor end any pixel of the view) and its render alone. The rest never
-    changes during an edit and the views come from a fixed ring, so after the first visit of a view
-    a step projects only the part and composites only the pixels the part can reach, with the rest
-    Gaussians that show there; every other pixel is the rest's render, exactly. One cache serves one rest,
-    SH degree and background (`PartEditor` owns one)."""
+    """The frozen rest per camera, kept while it fits in `max_bytes`. With the "cpu" backend an entry is
+    the view's `FrozenLayer` (its Gaussians that show there, sorted, and its render alone); with
+    "torch", its 2D Gaussians (`project_features` without the batch axis), their `pixel_boxes` (empty
+    for Gaussians that never show) and its render alone. The rest never changes during an edit and
+    the views come from a fixed ring, so after the first visit of a view a step projects only the part
+    and composites only the pixels the part can reach, with the rest Gaussians that show there; every
+    other pixel is the rest's render, exactly. One cache serves one rest, SH degree and background
+    (`PartEditor` owns one)."""
 
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes, self.bytes, self.entries = max_bytes, 0, {}
@@ -49,43 +52,88 @@ class RestCache:
         return (cameras.viewmats[i].cpu().numpy().tobytes(), cameras.Ks[i].cpu().numpy().tobytes(),
                 cameras.width, cameras.height)
 
-    def add(self, key: tuple, entry: dict[str, Tensor]) -> None:
-        """Keep a copy of `entry` if it fits (and `key` is new)."""
-        size = sum(t.numel() * t.element_size() for t in entry.values())
-        if key not in self.entries and self.bytes + size <= self.max_bytes:
-            self.entries[key] = {k: v.clone() for k, v in entry.items()}
-            self.bytes += size
+    def fits(self, nbytes: int) -> bool:
+        return self.bytes + nbytes <= self.max_bytes
+
+    def add(self, key: tuple, entry, nbytes: int) -> None:
+        """Keep `entry` (not copied) if it fits and `key` is new."""
+        if key not in self.entries and self.fits(nbytes):
+            self.entries[key] = entry
+            self.bytes += nbytes
+
+
+def _missing(cams: Cameras, cache: RestCache) -> tuple[list, dict, list[int]]:
+    """The cache keys of `cams`, their entries found ({camera: entry}) and the cameras without one."""
+    keys = [RestCache.key(cams, i) for i in range(len(cams))]
+    found = {i: cache.entries[k] for i, k in enumerate(keys) if k in cache.entries}
+    return keys, found, [i for i in range(len(cams)) if i not in found]
 
 
 @torch.no_grad()
-def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache | None,
-                composite, project, background: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-    """The rest in `cams`: `project_features` plus "boxes" ([C, n_rest, ...] each), from `cache` where
-    it can, and which cameras have a cached render alone ([C] bool; those renders as "image")."""
-    keys = [RestCache.key(cams, i) for i in range(len(cams))]
-    entries = {i: cache.entries[k] for i, k in enumerate(keys) if cache is not None and k in cache.entries}
-    missing = [i for i in range(len(cams)) if i not in entries]
+def _rest_alone(g: dict[str, Tensor], composite, width: int, height: int, background: Tensor) -> tuple[Tensor, Tensor]:
+    """The render [C,H,W,4] of projected Gaussians `g` ([C, n, ...] as `project_features`, colors with
+    the zero coverage channel) over background [4], and which of them show ([C, n] bool). A Gaussian
+    that neither composites into nor ends a pixel of the rest alone does neither with the part in
+    front or behind (the part only lowers T): it never shows in that view."""
+    image, _ = composite(g["means2d"], g["conics"], g["colors"], g["opacities"], g["depths"], g["radii"], width,
+                         height, background.expand(len(g["radii"]), 4).contiguous(), TILE)
+    counts, ends, _ = pixel_votes(g["means2d"], g["conics"], g["opacities"], g["depths"], g["radii"], width, height,
+                                  tile_size=TILE)
+    return image, (counts + ends) > 0
+
+
+def _project(gs: dict[str, Tensor], cams: Cameras, sh_degree: int, project, coverage: float) -> dict[str, Tensor]:
+    """`project_features` of activated Gaussians `gs` in `cams`, colors with a coverage channel."""
+    g = project_features(gs["means"], gs["quats"], gs["scales"], gs["opacities"], gs["sh"], cams.viewmats, cams.Ks,
+                         cams.width, cams.height, sh_degree=sh_degree, project=project)
+    g["colors"] = torch.cat([g["colors"], torch.full_like(g["colors"][..., :1], coverage)], dim=-1)
+    return g
+
+
+def _view_bytes(rest: dict[str, Tensor], cams: Cameras) -> int:
+    """An upper bound on the cache bytes of one view of the rest (all its Gaussians showing)."""
+    return len(rest["means"]) * 8 * (16 + 8) + cams.height * cams.width * 4 * 8
+
+
+@torch.no_grad()
+def _rest_layers(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache, project,
+                 background: Tensor) -> list[FrozenLayer] | None:
+    """The rest's `FrozenLayer` in each of `cams`, from `cache` where it can; None when the missing
+    ones would not fit in it (the caller renders everything instead)."""
+    keys, layers, missing = _missing(cams, cache)
+    if missing and not cache.fits(_view_bytes(rest, cams) * len(missing)):
+        return None
     if missing:
         sub = cams[missing]
-        w, h = sub.width, sub.height
-        g = project_features(rest["means"], rest["quats"], rest["scales"], rest["opacities"], rest["sh"],
-                             sub.viewmats, sub.Ks, w, h, sh_degree=sh_degree, project=project)
-        g["boxes"] = pixel_boxes(g["means2d"], g["radii"], w, h).int()
-        per_view = sum(v[0].numel() * v.element_size() for v in g.values()) + h * w * 4 * g["colors"].element_size()
-        if cache is not None and cache.bytes + per_view * len(missing) <= cache.max_bytes:
-            feats = torch.cat([g["colors"], g["colors"].new_zeros(*g["colors"].shape[:2], 1)], dim=-1)
-            g["image"], _ = composite(g["means2d"], g["conics"], feats, g["opacities"], g["depths"], g["radii"], w, h,
-                                      background.expand(len(sub), 4).contiguous(), TILE)
-            # a rest Gaussian that neither composites into nor ends a pixel of the rest alone does neither
-            # with the part in front or behind (the part only lowers T): it never shows in this view
-            counts, ends, _ = pixel_votes(g["means2d"], g["conics"], g["opacities"], g["depths"], g["radii"], w, h,
-                                          tile_size=TILE)
-            g["boxes"] = g["boxes"] * ((counts + ends) > 0)[..., None]
+        g = _project(rest, sub, sh_degree, project, 0.0)
+        image, shows = _rest_alone(g, rasterize_to_pixels_cpu, sub.width, sub.height, background)
+        for j, i in enumerate(missing):
+            layers[i] = frozen_layer(*(g[k][j] for k in ("means2d", "conics", "colors", "opacities", "depths",
+                                                         "radii")), image=image[j], keep=shows[j], tile_size=TILE)
+            cache.add(keys[i], layers[i], layers[i].nbytes)
+    return [layers[i] for i in range(len(cams))]
+
+
+@torch.no_grad()
+def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache, composite, project,
+                background: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """The rest in `cams`: `project_features` plus "boxes" ([C, n_rest, ...] each), from `cache` where
+    it can, and which cameras have a render alone ([C] bool; those renders as "image")."""
+    keys, entries, missing = _missing(cams, cache)
+    if missing:
+        sub = cams[missing]
+        g = _project(rest, sub, sh_degree, project, 0.0)
+        g["boxes"] = pixel_boxes(g["means2d"], g["radii"], sub.width, sub.height).int()
+        per_view = sum(v[0].numel() * v.element_size() for v in g.values()) + sub.height * sub.width * 4 * 8
+        if cache.fits(per_view * len(missing)):
+            g["image"], shows = _rest_alone(g, composite, sub.width, sub.height, background)
+            g["boxes"] = g["boxes"] * shows[..., None]
         for j, i in enumerate(missing):
             entries[i] = {k: v[j] for k, v in g.items()}
             if "image" in g:
-                cache.add(keys[i], entries[i])
-    cached = torch.tensor([cache is not None and k in cache.entries for k in keys])
+                entries[i] = {k: v.clone() for k, v in entries[i].items()}
+                cache.add(keys[i], entries[i], per_view)
+    cached = torch.tensor([k in cache.entries for k in keys])
     out = {k: torch.stack([entries[i][k] for i in range(len(cams))]) for k in entries[0] if k != "image"}
     if cached.any():
         some = int(cached.nonzero()[0])  # a stand-in where a camera has no render alone (all its tiles are composited)
@@ -100,9 +148,10 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
 
     rest / part: activated tensors (means [n,3], quats [n,4], scales [n,3], opacities [n], sh [n,K,3]);
     the part comes last in the render (meta["means2d"][:, -n_part:] is the part). background: [3].
-    With the "cpu" and "torch" backends the rest is projected apart from the part, without autograd,
-    and with `rest_cache` (see `RestCache`) only the pixels the part can reach are composited; gsplat
-    projects and composites everything in its fused kernels. The result is the same either way.
+    With `rest_cache` and the "cpu" or "torch" backend, the rest is projected apart from the part,
+    without autograd, and cached per view (see `RestCache`), and only the pixels the part can reach
+    are composited; otherwise (and with gsplat, whose kernels fuse projection and compositing) the
+    scene is rendered whole. The result is the same either way.
     Returns rgb [C,H,W,3], coverage [C,H,W] (sum of the part's alpha * T), meta (means2d, radii,
     width, height, n_cameras at least).
     """
@@ -112,30 +161,34 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
     bg = torch.cat([background.to(rest["means"]), rest["means"].new_zeros(1)]).expand(len(cams), 4).contiguous()
     name = select_backend(backend, rest["means"])
     composite, project = compositor(name), projector(name)
-    if composite is None:
+    meta = {"width": cams.width, "height": cams.height, "n_cameras": len(cams)}
+    layers = None
+    if composite is not None and rest_cache is not None and name == "cpu":
+        layers = _rest_layers(rest, cams, sh_degree, rest_cache, project, bg[0])
+    if layers is not None:
+        q = _project(part, cams, sh_degree, project, 1.0)
+        out = composite_with_layers(q["means2d"], q["conics"], q["colors"], q["opacities"], q["depths"], q["radii"],
+                                    layers, bg, TILE)
+        return out[..., :3], out[..., 3], {"means2d": q["means2d"], "radii": q["radii"], **meta}
+    if composite is None or rest_cache is None or name == "cpu":
         cat = {k: torch.cat([rest[k], part[k]]) for k in ("means", "quats", "scales", "opacities", "sh")}
         campos = torch.linalg.inv(cams.viewmats)[:, :3, 3]
         rgb = torch.clamp_min(eval_sh(sh_degree, cat["sh"][None], cat["means"][None] - campos[:, None]) + 0.5, 0.0)
         flag = torch.cat([rest["means"].new_zeros(n_rest), part["means"].new_ones(n_part)])
         feats = torch.cat([rgb, flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
-        out, _, meta = rasterize(cat["means"], cat["quats"], cat["scales"], cat["opacities"], feats, cams.viewmats,
+        out, _, full = rasterize(cat["means"], cat["quats"], cat["scales"], cat["opacities"], feats, cams.viewmats,
                                  cams.Ks, cams.width, cams.height, backgrounds=bg, backend=backend)
-        return out[..., :3], out[..., 3], meta
+        return out[..., :3], out[..., 3], full
     r, cached = _rest_views(rest, cams, sh_degree, rest_cache, composite, project, bg[0])
-    q = project_features(part["means"], part["quats"], part["scales"], part["opacities"], part["sh"], cams.viewmats,
-                         cams.Ks, cams.width, cams.height, sh_degree=sh_degree, project=project)
+    q = _project(part, cams, sh_degree, project, 1.0)
     hot = touched_tiles(pixel_boxes(q["means2d"], q["radii"], cams.width, cams.height), cams.width, cams.height)
     hot |= ~cached.to(hot.device)[:, None, None]  # no render of the rest alone: composite everything
     near = boxes_touch(r["boxes"], hot)  # [C, n_rest]: rest Gaussians that can reach a composited pixel
     keep = near.any(0).nonzero()[:, 0]
     g = {k: torch.cat([r[k][:, keep], q[k]], dim=1) for k in q}
     g["radii"] = g["radii"] * torch.cat([near[:, keep], near.new_ones(len(cams), n_part)], 1)[..., None]
-    flag = torch.cat([g["colors"].new_zeros(len(keep)), g["colors"].new_ones(n_part)])
-    feats = torch.cat([g["colors"], flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
-    out, _ = composite(g["means2d"], g["conics"], feats, g["opacities"], g["depths"], g["radii"], cams.width,
+    out, _ = composite(g["means2d"], g["conics"], g["colors"], g["opacities"], g["depths"], g["radii"], cams.width,
                        cams.height, bg, TILE, pixel_mask=hot)
     if "image" in r:
         out = torch.where(hot[..., None], out, r["image"].to(out))
-    meta = {"means2d": g["means2d"], "radii": g["radii"], "width": cams.width, "height": cams.height,
-            "n_cameras": len(cams)}
-    return out[..., :3], out[..., 3], meta
+    return out[..., :3], out[..., 3], {"means2d": g["means2d"], "radii": g["radii"], **meta}

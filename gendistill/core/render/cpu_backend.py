@@ -144,27 +144,31 @@ def _prepare(means2d, conics, opacities, radii, tile_size, tiles_w, tiles_h):
 
 
 @njit(cache=True)
-def _bin(rects, order, n_cams, n_gauss, tiles_w, n_tiles):
-    """Per-tile lists of Gaussians, front to back.
+def _bin(rects, order, starts, tiles_w, n_tiles):
+    """Per-tile lists of rows, front to back.
 
-    rects: [C*N, 4] int32 tile box (tx0, ty0, tx1, ty1), exclusive ends; empty for skipped Gaussians.
-    order: [C, N] int64 per-camera depth order (stable for ties).
-    Returns offsets [C*n_tiles + 1] int64 and ids [n_isects] int32 (flat index c*N + n).
+    rects: [M, 4] int32 tile boxes (tx0, ty0, tx1, ty1), exclusive ends; empty for skipped rows.
+    order: [K] int64 rows, camera by camera and front to back within a camera: camera c's rows are
+        order[starts[c]:starts[c + 1]] (starts: [C + 1] int64).
+    Returns offsets [C*n_tiles + 1] int64 and ids [n_isects] int32 (rows).
     """
+    n_cams = starts.shape[0] - 1
     offsets = np.zeros(n_cams * n_tiles + 1, np.int64)
-    for g in range(n_cams * n_gauss):
-        base = (g // n_gauss) * n_tiles + 1
-        for ty in range(rects[g, 1], rects[g, 3]):
-            for tx in range(rects[g, 0], rects[g, 2]):
-                offsets[base + ty * tiles_w + tx] += 1
+    for c in range(n_cams):
+        base = c * n_tiles + 1
+        for k in range(starts[c], starts[c + 1]):
+            g = order[k]
+            for ty in range(rects[g, 1], rects[g, 3]):
+                for tx in range(rects[g, 0], rects[g, 2]):
+                    offsets[base + ty * tiles_w + tx] += 1
     for t in range(n_cams * n_tiles):
         offsets[t + 1] += offsets[t]
     ids = np.empty(offsets[-1], np.int32)
     cursor = offsets[:-1].copy()
     for c in range(n_cams):
-        for k in range(n_gauss):
-            g = c * n_gauss + order[c, k]
-            base = c * n_tiles
+        base = c * n_tiles
+        for k in range(starts[c], starts[c + 1]):
+            g = order[k]
             for ty in range(rects[g, 1], rects[g, 3]):
                 for tx in range(rects[g, 0], rects[g, 2]):
                     t = base + ty * tiles_w + tx
@@ -481,8 +485,8 @@ class _RasterizeCPU(torch.autograd.Function):
                                tiles_w, tiles_h)
         cols = _f64(colors).reshape(-1, dim)
         bgs = np.zeros((n_cams, dim)) if backgrounds is None else _f64(backgrounds).reshape(n_cams, dim)
-        order = _depth_order(_np(depths))
-        offsets, ids = _bin(rects, order.reshape(n_cams, n_gauss), n_cams, n_gauss, tiles_w, n_tiles)
+        order = _depth_order(_np(depths)) + np.arange(n_cams)[:, None] * n_gauss  # [C, N] rows
+        offsets, ids = _bin(rects, order.reshape(-1), np.arange(n_cams + 1) * n_gauss, tiles_w, n_tiles)
         used, recs, cols, ids = _by_first_use(ids, recs, cols)
         work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
         active = np.ones((n_cams, height, width), np.bool_) if pixel_mask is None else pixel_mask.cpu().numpy()
