@@ -11,8 +11,7 @@ from gendistill.core.cameras import Cameras
 from gendistill.core.render import rasterize, select_backend
 from gendistill.core.render.cpu_backend import rasterize_to_pixels_cpu
 from gendistill.core.render.cpu_layer import FrozenLayer, composite_with_layers, frozen_layer
-from gendistill.core.render.rasterize import compositor, project_features, projector
-from gendistill.core.render.sh import eval_sh
+from gendistill.core.render.rasterize import colorizer, compositor, project_features, projector
 from gendistill.core.render.torch_backend import boxes_touch, pixel_votes, tile_boxes, touched_tiles
 
 __all__ = ["activated", "RestCache", "render_part"]
@@ -82,10 +81,12 @@ def _rest_alone(g: dict[str, Tensor], composite, width: int, height: int, backgr
     return image, (counts + ends) > 0
 
 
-def _project(gs: dict[str, Tensor], cams: Cameras, sh_degree: int, project, coverage: float) -> dict[str, Tensor]:
-    """`project_features` of activated Gaussians `gs` in `cams`, colors with a coverage channel."""
+def _project(gs: dict[str, Tensor], cams: Cameras, sh_degree: int, backend: str, coverage: float) -> dict[str, Tensor]:
+    """`project_features` of activated Gaussians `gs` in `cams` with a backend's projection and SH
+    colours, colors with a coverage channel."""
     g = project_features(gs["means"], gs["quats"], gs["scales"], gs["opacities"], gs["sh"], cams.viewmats, cams.Ks,
-                         cams.width, cams.height, sh_degree=sh_degree, project=project)
+                         cams.width, cams.height, sh_degree=sh_degree, project=projector(backend),
+                         colorize=colorizer(backend))
     g["colors"] = torch.cat([g["colors"], torch.full_like(g["colors"][..., :1], coverage)], dim=-1)
     return g
 
@@ -96,7 +97,7 @@ def _view_bytes(rest: dict[str, Tensor], cams: Cameras) -> int:
 
 
 @torch.no_grad()
-def _rest_layers(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache, project,
+def _rest_layers(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache, backend: str,
                  background: Tensor) -> list[FrozenLayer] | None:
     """The rest's `FrozenLayer` in each of `cams`, from `cache` where it can; None when the missing
     ones would not fit in it (the caller renders everything instead)."""
@@ -105,7 +106,7 @@ def _rest_layers(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: 
         return None
     if missing:
         sub = cams[missing]
-        g = _project(rest, sub, sh_degree, project, 0.0)
+        g = _project(rest, sub, sh_degree, backend, 0.0)
         image, shows = _rest_alone(g, rasterize_to_pixels_cpu, sub.width, sub.height, background)
         for j, i in enumerate(missing):
             layers[i] = frozen_layer(*(g[k][j] for k in ("means2d", "conics", "colors", "opacities", "depths",
@@ -115,14 +116,14 @@ def _rest_layers(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: 
 
 
 @torch.no_grad()
-def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache, composite, project,
+def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: RestCache, composite, backend: str,
                 background: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """The rest in `cams`: `project_features` plus "boxes" ([C, n_rest, ...] each), from `cache` where
     it can, and which cameras have a render alone ([C] bool; those renders as "image")."""
     keys, entries, missing = _missing(cams, cache)
     if missing:
         sub = cams[missing]
-        g = _project(rest, sub, sh_degree, project, 0.0)
+        g = _project(rest, sub, sh_degree, backend, 0.0)
         g["boxes"] = pixel_boxes(g["means2d"], g["radii"], sub.width, sub.height).int()
         per_view = sum(v[0].numel() * v.element_size() for v in g.values()) + sub.height * sub.width * 4 * 8
         if cache.fits(per_view * len(missing)):
@@ -160,27 +161,26 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
     n_rest, n_part = len(rest["means"]), len(part["means"])
     bg = torch.cat([background.to(rest["means"]), rest["means"].new_zeros(1)]).expand(len(cams), 4).contiguous()
     name = select_backend(backend, rest["means"])
-    composite, project = compositor(name), projector(name)
+    composite = compositor(name)
     meta = {"width": cams.width, "height": cams.height, "n_cameras": len(cams)}
     layers = None
     if composite is not None and rest_cache is not None and name == "cpu":
-        layers = _rest_layers(rest, cams, sh_degree, rest_cache, project, bg[0])
+        layers = _rest_layers(rest, cams, sh_degree, rest_cache, name, bg[0])
     if layers is not None:
-        q = _project(part, cams, sh_degree, project, 1.0)
+        q = _project(part, cams, sh_degree, name, 1.0)
         out = composite_with_layers(q["means2d"], q["conics"], q["colors"], q["opacities"], q["depths"], q["radii"],
                                     layers, bg, TILE)
         return out[..., :3], out[..., 3], {"means2d": q["means2d"], "radii": q["radii"], **meta}
     if composite is None or rest_cache is None or name == "cpu":
         cat = {k: torch.cat([rest[k], part[k]]) for k in ("means", "quats", "scales", "opacities", "sh")}
-        campos = torch.linalg.inv(cams.viewmats)[:, :3, 3]
-        rgb = torch.clamp_min(eval_sh(sh_degree, cat["sh"][None], cat["means"][None] - campos[:, None]) + 0.5, 0.0)
+        rgb = colorizer(name)(sh_degree, cat["sh"], cat["means"], cams.viewmats)
         flag = torch.cat([rest["means"].new_zeros(n_rest), part["means"].new_ones(n_part)])
         feats = torch.cat([rgb, flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
         out, _, full = rasterize(cat["means"], cat["quats"], cat["scales"], cat["opacities"], feats, cams.viewmats,
                                  cams.Ks, cams.width, cams.height, backgrounds=bg, backend=backend)
         return out[..., :3], out[..., 3], full
-    r, cached = _rest_views(rest, cams, sh_degree, rest_cache, composite, project, bg[0])
-    q = _project(part, cams, sh_degree, project, 1.0)
+    r, cached = _rest_views(rest, cams, sh_degree, rest_cache, composite, name, bg[0])
+    q = _project(part, cams, sh_degree, name, 1.0)
     hot = touched_tiles(pixel_boxes(q["means2d"], q["radii"], cams.width, cams.height), cams.width, cams.height)
     hot |= ~cached.to(hot.device)[:, None, None]  # no render of the rest alone: composite everything
     near = boxes_touch(r["boxes"], hot)  # [C, n_rest]: rest Gaussians that can reach a composited pixel

@@ -16,7 +16,7 @@ from gendistill.registry import Registry
 
 from .gsplat_backend import rasterize_gsplat
 from .projection import project_gaussians
-from .sh import eval_sh, num_sh_bases
+from .sh import num_sh_bases, sh_colors
 from .torch_backend import rasterize_to_pixels_torch
 
 BACKENDS = Registry("render backend")
@@ -112,9 +112,10 @@ def project_features(
     eps2d: float = 0.3,
     radius_clip: float = 0.0,
     project: Callable = project_gaussians,
+    colorize: Callable = sh_colors,
 ) -> dict[str, Tensor]:
     """The 2D Gaussians a compositor takes, per camera (arguments as `rasterize`; `project` is the
-    projection, `projector(backend)`).
+    projection, `projector(backend)`, and `colorize` the SH colours, `colorizer(backend)`).
 
     Returns {"radii": [C, N, 2] int32, "means2d": [C, N, 2], "depths": [C, N], "conics": [C, N, 3],
     "opacities": [C, N], "colors": [C, N, D]} (with `sh_degree`, clamp_min(SH(dir) + 0.5, 0)).
@@ -128,10 +129,7 @@ def project_features(
     if sh_degree is None:
         feats = colors if colors.dim() == 3 else colors[None].expand(n_cams, -1, -1)
     else:
-        campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-        dirs = means[None, :, :] - campos[:, None, :]  # [C, N, 3]
-        coeffs = colors if colors.dim() == 4 else colors[None].expand(n_cams, -1, -1, -1)
-        feats = torch.clamp_min(eval_sh(sh_degree, coeffs, dirs) + 0.5, 0.0)
+        feats = colorize(sh_degree, colors, means, viewmats)
     return {"radii": radii, "means2d": means2d, "depths": depths, "conics": conics,
             "opacities": opacities[None, :].expand(n_cams, n), "colors": feats}
 
@@ -146,6 +144,15 @@ def compositor(backend: str) -> Compositor | None:
 
         return rasterize_to_pixels_cpu
     return None
+
+
+def colorizer(backend: str) -> Callable:
+    """The SH colours (`sh_colors`' signature) of a backend name: compiled for "cpu", torch otherwise."""
+    if backend == "cpu":
+        from .cpu_sh import sh_colors_cpu  # lazy: numba compiles on first use
+
+        return sh_colors_cpu
+    return sh_colors
 
 
 def projector(backend: str) -> Callable:
@@ -178,13 +185,14 @@ def composite_pipeline(
     radius_clip: float = 0.0,
     tile_size: int = 16,
     project: Callable = project_gaussians,
+    colorize: Callable = sh_colors,
 ) -> tuple[Tensor, Tensor, dict]:
     """Projection (`project`), colours and render mode around `compositor` (a `rasterize_to_pixels_*`
     function)."""
     n_cams = viewmats.shape[0]
     g = project_features(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
                          near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, radius_clip=radius_clip,
-                         project=project)
+                         project=project, colorize=colorize)
     radii, means2d, depths, conics, feats = g["radii"], g["means2d"], g["depths"], g["conics"], g["colors"]
     opacities_c = g["opacities"]
 
@@ -233,7 +241,8 @@ def rasterize_torch(*args, **kwargs) -> tuple[Tensor, Tensor, dict]:
 @BACKENDS.register("cpu")
 def rasterize_cpu(*args, **kwargs) -> tuple[Tensor, Tensor, dict]:
     """The compiled CPU backend (numba compositor with its own backward)."""
-    return composite_pipeline(compositor("cpu"), *args, project=projector("cpu"), **kwargs)
+    return composite_pipeline(compositor("cpu"), *args, project=projector("cpu"), colorize=colorizer("cpu"),
+                              **kwargs)
 
 
 BACKENDS.register("gsplat")(rasterize_gsplat)

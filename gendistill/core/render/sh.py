@@ -79,6 +79,20 @@ def eval_sh(degree: int, coeffs: torch.Tensor, dirs: torch.Tensor) -> torch.Tens
     return (basis.unsqueeze(-1) * coeffs[..., :k, :]).sum(dim=-2)
 
 
+def sh_colors(degree: int, coeffs: torch.Tensor, means: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
+    """Colours clamp_min(SH(mean - camera centre) + 0.5, 0), as 3DGS and gsplat.
+
+    Args:
+        degree: SH degree, 0..3. coeffs: [N, K, D] or [C, N, K, D]. means: [N, 3].
+        viewmats: [C, 4, 4] world-to-camera.
+    Returns:
+        [C, N, D]
+    """
+    campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+    coeffs = coeffs if coeffs.dim() == 4 else coeffs[None].expand(len(viewmats), -1, -1, -1)
+    return torch.clamp_min(eval_sh(degree, coeffs, means[None, :, :] - campos[:, None, :]) + 0.5, 0.0)
+
+
 def rgb_to_sh(rgb: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1] to the SH DC coefficient (the INRIA `f_dc_*` values): (rgb - 0.5) / C0."""
     return (rgb - 0.5) / SH_C0
