@@ -227,11 +227,13 @@ def _assign(offsets, n_workers):
 
 
 @njit(cache=True, parallel=True)
-def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
-             active, render, trans, last):
-    """Composite every tile's `active` [C,H,W] pixels (the others start ended). Writes render
+def _forward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w,
+             n_tiles, active, render, trans, last):
+    """Composite every tile's `active` [C,H,W] pixels (the others start ended). Row g of the tile lists
+    is recs[g] / colors[g], or recs2 / colors2[g - len(recs)] past the end of recs. Writes render
     [C,H,W,D], trans [C,H,W] (final T), last [C,H,W] int32."""
     dim = colors.shape[1]
+    n1 = recs.shape[0]
     npix = tile_size * tile_size
     for w in prange(ptr.shape[0] - 1):
         t_buf = np.empty(npix)
@@ -270,7 +272,7 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
                 if n_done == n_here:
                     break
                 g = ids[k]
-                rec = recs[g]
+                rec, col = (recs[g], colors[g]) if g < n1 else (recs2[g - n1], colors2[g - n1])
                 if rec[6] < 0.0:
                     continue
                 mx, my, a, b, c, opac = rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]
@@ -311,7 +313,7 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
                             continue
                         vis = alpha * t_now
                         for d in range(dim):
-                            acc[p, d] += colors[g, d] * vis
+                            acc[p, d] += col[d] * vis
                         t_buf[p] = t_next
                         lst[p] = k - start
             for i in range(y0, y1):
@@ -325,11 +327,13 @@ def _forward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_siz
 
 
 @njit(cache=True, parallel=True)
-def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
-              active, trans, last, v_render, v_alpha_out, grads):
-    """Back-to-front pass per tile; grads [n_workers, C*N, 6 + D] gets, per worker, the sums of
-    d/d(x, y, a, b, c, opacity, colour...) over the pixels that worker handled."""
+def _backward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w,
+              n_tiles, active, trans, last, v_render, v_alpha_out, grads, g0):
+    """Back-to-front pass per tile (rows as `_forward`); grads [n_workers, M - g0, 6 + D] gets, per
+    worker, the sums of d/d(x, y, a, b, c, opacity, colour...) of rows g >= g0 (at g - g0) over the
+    pixels that worker handled. Rows below g0 are frozen: no gradient is computed for them."""
     dim = colors.shape[1]
+    n1 = recs.shape[0]
     npix = tile_size * tile_size
     for w in prange(ptr.shape[0] - 1):
         gw = grads[w]
@@ -381,7 +385,7 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
                     open_lo[r], open_hi[r] = min(open_lo[r], col), max(open_hi[r], col + 1)
                     nxt += 1
                 g = ids[start + kk]
-                rec = recs[g]
+                rec, cl = (recs[g], colors[g]) if g < n1 else (recs2[g - n1], colors2[g - n1])
                 if rec[6] < 0.0:
                     continue
                 mx, my, a, b, c, opac = rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]
@@ -417,11 +421,15 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
                         t = t_cur[p] * ra  # transmittance in front of this fragment
                         t_cur[p] = t
                         fac = alpha * t
+                        if g < g0:
+                            for d in range(dim):
+                                behind[p, d] += cl[d] * fac
+                            continue
                         v_alpha = (t_fin[p] * ra) * (vra[p] - bgdot[p])
                         for d in range(dim):
                             loc[d] += fac * vrc[p, d]
-                            v_alpha += (colors[g, d] * t - behind[p, d] * ra) * vrc[p, d]
-                            behind[p, d] += colors[g, d] * fac
+                            v_alpha += (cl[d] * t - behind[p, d] * ra) * vrc[p, d]
+                            behind[p, d] += cl[d] * fac
                         if opac * vis <= ALPHA_MAX:
                             v_sigma = -opac * vis * v_alpha
                             gx += v_sigma * (a * dx + b * dy)
@@ -430,15 +438,16 @@ def _backward(recs, colors, bgs, offsets, ids, work, ptr, height, width, tile_si
                             gb += v_sigma * dx * dy
                             gc += 0.5 * v_sigma * dy * dy
                             go += vis * v_alpha
-                if hit:
-                    gw[g, 0] += gx
-                    gw[g, 1] += gy
-                    gw[g, 2] += ga
-                    gw[g, 3] += gb
-                    gw[g, 4] += gc
-                    gw[g, 5] += go
+                if hit and g >= g0:
+                    r = g - g0
+                    gw[r, 0] += gx
+                    gw[r, 1] += gy
+                    gw[r, 2] += ga
+                    gw[r, 3] += gb
+                    gw[r, 4] += gc
+                    gw[r, 5] += go
                     for d in range(dim):
-                        gw[g, 6 + d] += loc[d]
+                        gw[r, 6 + d] += loc[d]
 
 
 # --------------------------------------------------------------------------- host side
@@ -490,8 +499,8 @@ class _RasterizeCPU(torch.autograd.Function):
         used, recs, cols, ids = _by_first_use(ids, recs, cols)
         work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
         active = np.ones((n_cams, height, width), np.bool_) if pixel_mask is None else pixel_mask.cpu().numpy()
-        binned = (recs, cols, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles,
-                  np.ascontiguousarray(active))
+        binned = (recs, cols, recs[:0], cols[:0], bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w,
+                  n_tiles, np.ascontiguousarray(active))
 
         render = np.empty((n_cams, height, width, dim))
         trans = np.empty((n_cams, height, width))
@@ -511,12 +520,12 @@ class _RasterizeCPU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, v_render, v_alphas):
         binned, trans = ctx.binned, ctx.trans
-        n_workers = binned[6].shape[0] - 1
+        n_workers = binned[8].shape[0] - 1  # ptr
         n_cams, height, width = trans.shape
         dim = binned[1].shape[1]
         v_r = _f64(v_render)
         grads = np.zeros((n_workers, binned[0].shape[0], 6 + dim))
-        _backward(*binned, trans, ctx.last, v_r, _f64(v_alphas).reshape(trans.shape), grads)
+        _backward(*binned, trans, ctx.last, v_r, _f64(v_alphas).reshape(trans.shape), grads, 0)
         g = np.zeros((ctx.n_rows, 6 + dim))
         g[ctx.used] = grads.sum(0) if n_workers > 1 else grads[0]
         g = torch.from_numpy(g).reshape(n_cams, -1, 6 + dim)

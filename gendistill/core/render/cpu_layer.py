@@ -21,7 +21,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .cpu_backend import _assign, _backward, _bin, _clamp_int, _depth_order, _f64, _forward, _np, _prepare
+from .cpu_backend import _assign, _backward, _clamp_int, _depth_order, _f64, _forward, _np, _prepare
 
 __all__ = ["FrozenLayer", "frozen_layer", "composite_with_layers"]
 
@@ -111,52 +111,40 @@ def _touching(boxes, hot):
 
 
 @njit(cache=True)
-def _merge(l_recs, l_cols, l_tiles, l_depths, picked, s_recs, s_cols, s_tiles, s_depths, s_order, s_base,
-           recs, cols, tiles, src, at):
-    """Write one camera's rows front to back into recs / cols / tiles / src from row `at` on: the
-    `picked` layer rows (already in depth order) merged with the set's rows in `s_order` (those with a
-    tile box); a depth tie goes to the layer. src: -1 for a layer row, s_base + i for set row i.
-    Returns the row after the last one written."""
-    i = j = 0
-    n_l, n_s = picked.shape[0], s_order.shape[0]
-    while i < n_l or j < n_s:
-        if j < n_s:
-            g = s_order[j]
-            if s_tiles[g, 2] <= s_tiles[g, 0] or s_tiles[g, 3] <= s_tiles[g, 1]:
-                j += 1  # culled: composites nowhere
-                continue
-        if j == n_s or (i < n_l and l_depths[picked[i]] <= s_depths[s_order[j]]):
-            _copy_row(l_recs, l_cols, l_tiles, picked[i], recs, cols, tiles, at)
-            src[at] = -1
-            i += 1
-        else:
-            _copy_row(s_recs, s_cols, s_tiles, s_order[j], recs, cols, tiles, at)
-            src[at] = s_base + s_order[j]
-            j += 1
-        at += 1
-    return at
-
-
-@njit(cache=True, inline="always")
-def _copy_row(a_recs, a_cols, a_tiles, r, recs, cols, tiles, at):
-    for k in range(a_recs.shape[1]):
-        recs[at, k] = a_recs[r, k]
-    for k in range(a_cols.shape[1]):
-        cols[at, k] = a_cols[r, k]
-    for k in range(4):
-        tiles[at, k] = a_tiles[r, k]
-
-
-@njit(cache=True)
-def _set_grads(grads, src, n_rows):
-    """[n_rows, G] sums over workers of the [W, M, G] gradients of the rows with src >= 0."""
-    out = np.zeros((n_rows, grads.shape[2]))
-    for w in range(grads.shape[0]):
-        for m in range(grads.shape[1]):
-            if src[m] >= 0:
-                for k in range(grads.shape[2]):
-                    out[src[m], k] += grads[w, m, k]
-    return out
+def _merge_bin(l_tiles, l_depths, picked, s_tiles, s_depths, s_order, tiles_w, n_tiles):
+    """One camera's per-tile lists, front to back, of the `picked` layer rows (in depth order already)
+    merged with the set's rows in `s_order`; a depth tie goes to the layer (it comes first). Layer
+    row r is listed as r, set row i as len(l_tiles) + i.
+    Returns offsets [n_tiles + 1] int64 and ids [n_isects] int32."""
+    n_l, n_p, n_s = l_tiles.shape[0], picked.shape[0], s_order.shape[0]
+    offsets = np.zeros(n_tiles + 1, np.int64)
+    ids = np.empty(0, np.int32)
+    cursor = np.empty(0, np.int64)
+    for fill in range(2):  # count, then fill
+        if fill:
+            for t in range(n_tiles):
+                offsets[t + 1] += offsets[t]
+            ids = np.empty(offsets[-1], np.int32)
+            cursor = offsets[:-1].copy()
+        i = j = 0
+        while i < n_p or j < n_s:
+            if j == n_s or (i < n_p and l_depths[picked[i]] <= s_depths[s_order[j]]):
+                r = picked[i]
+                row, x0, y0, x1, y1 = r, l_tiles[r, 0], l_tiles[r, 1], l_tiles[r, 2], l_tiles[r, 3]
+                i += 1
+            else:
+                r = s_order[j]
+                row, x0, y0, x1, y1 = n_l + r, s_tiles[r, 0], s_tiles[r, 1], s_tiles[r, 2], s_tiles[r, 3]
+                j += 1
+            for ty in range(y0, y1):
+                for tx in range(x0, x1):
+                    t = ty * tiles_w + tx
+                    if fill:
+                        ids[cursor[t]] = row
+                        cursor[t] += 1
+                    else:
+                        offsets[t + 1] += 1
+    return offsets, ids
 
 
 # --------------------------------------------------------------------------- host side
@@ -182,6 +170,9 @@ def frozen_layer(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Ten
 
 
 class _CompositeWithLayers(torch.autograd.Function):
+    """Per camera: the set's rows merged into the layer's tile lists; the kernels read the layer's rows
+    where they are and compute no gradient for them."""
+
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, depths, radii, layers, backgrounds, tile_size):
         n_cams, n, dim = colors.shape
@@ -194,42 +185,40 @@ class _CompositeWithLayers(torch.autograd.Function):
         s_cols = _f64(colors).reshape(-1, dim)
         s_depths = _np(depths)
         order = _depth_order(s_depths)
-        boxes = np.stack([_pixel_boxes(xy[c], rad[c], width, height) for c in range(n_cams)])
-        hot = _cover(boxes, height, width)
-        picked = [_touching(layers[c].boxes, hot[c]) for c in range(n_cams)]
-        size = sum(len(p) for p in picked) + n_cams * n
-        recs, cols = np.empty((size, s_recs.shape[1])), np.empty((size, dim))
-        tiles, src = np.empty((size, 4), np.int32), np.empty(size, np.int64)
-        starts = np.zeros(n_cams + 1, np.int64)  # camera c's rows: starts[c]:starts[c + 1], front to back
-        for c, lay in enumerate(layers):
-            starts[c + 1] = _merge(lay.recs, lay.colors, lay.tiles, lay.depths, picked[c], s_recs[c * n:(c + 1) * n],
-                                   s_cols[c * n:(c + 1) * n], s_tiles[c * n:(c + 1) * n], s_depths[c], order[c],
-                                   c * n, recs, cols, tiles, src, starts[c])
-        total = int(starts[-1])
-        recs, cols, tiles, src = recs[:total], cols[:total], tiles[:total], src[:total]
-        offsets, ids = _bin(tiles, np.arange(total), starts, tiles_w, n_tiles)
-        work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
+        hot = _cover(np.stack([_pixel_boxes(xy[c], rad[c], width, height) for c in range(n_cams)]), height, width)
         bgs = _f64(backgrounds).reshape(n_cams, dim)
-        binned = (recs, cols, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w, n_tiles, hot)
         render = np.empty((n_cams, height, width, dim))
         trans = np.empty((n_cams, height, width))
         last = np.empty((n_cams, height, width), np.int32)
-        _forward(*binned, render, trans, last)
+        ctx.binned = []
         for c, lay in enumerate(layers):
+            rows = slice(c * n, (c + 1) * n)
+            offsets, ids = _merge_bin(lay.tiles, lay.depths, _touching(lay.boxes, hot[c]), s_tiles[rows],
+                                      s_depths[c], order[c], tiles_w, n_tiles)
+            work, ptr = _assign(offsets, max(1, numba.get_num_threads()))
+            binned = (lay.recs, lay.colors, s_recs[rows], s_cols[rows], bgs[c:c + 1], offsets, ids, work, ptr, height,
+                      width, tile_size, tiles_w, n_tiles, hot[c:c + 1])
+            _forward(*binned, render[c:c + 1], trans[c:c + 1], last[c:c + 1])
             np.copyto(render[c], lay.image, where=~hot[c][..., None])
-        ctx.binned, ctx.trans, ctx.last, ctx.src, ctx.n_rows = binned, trans, last, src, n_cams * n
+            ctx.binned.append(binned)
+        ctx.trans, ctx.last = trans, last
         ctx.like = [(t.dtype, t.device) for t in (means2d, conics, colors, opacities)]
         return torch.from_numpy(render).to(colors.device, colors.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, v_render):
-        binned, trans = ctx.binned, ctx.trans
-        n_cams = trans.shape[0]
-        dim = binned[1].shape[1]
-        grads = np.zeros((binned[6].shape[0] - 1, binned[0].shape[0], 6 + dim))
-        _backward(*binned, trans, ctx.last, _f64(v_render), np.zeros_like(trans), grads)
-        g = torch.from_numpy(_set_grads(grads, ctx.src, ctx.n_rows)).reshape(n_cams, -1, 6 + dim)
+        v_r = _f64(v_render)
+        n_cams, dim = v_r.shape[0], v_r.shape[-1]
+        n = ctx.binned[0][2].shape[0]
+        g = np.empty((n_cams, n, 6 + dim))
+        for c, binned in enumerate(ctx.binned):
+            grads = np.zeros((binned[8].shape[0] - 1, n, 6 + dim))  # per worker (binned[8]: ptr, workers + 1)
+            cam = slice(c, c + 1)
+            _backward(*binned, ctx.trans[cam], ctx.last[cam], v_r[cam], np.zeros_like(ctx.trans[cam]), grads,
+                      binned[0].shape[0])
+            g[c] = grads.sum(0)
+        g = torch.from_numpy(g)
         out = [g[..., 0:2], g[..., 2:5], g[..., 6:], g[..., 5]]
         out = [t.to(device, dtype) for t, (dtype, device) in zip(out, ctx.like)]
         return (*out, None, None, None, None, None)
