@@ -55,18 +55,9 @@ def _mm_tn(a, b, out):
 
 
 @njit(cache=True, inline="always")
-def _setup(means, quats, scales, views, ks, g, c, width, height, w, rq, m, sig, cov_c, jac, tmp23, tmp33, cov2d):
-    """Per (camera c, Gaussian g), into the scratch arrays: w (world-to-camera rotation), rq (rotation
-    of the unit quaternion), m = rq diag(s), sig = m m^T, cov_c = W sig W^T, jac [2, 3] and
-    cov2d = jac cov_c jac^T.
-    Returns the camera-space mean, the unit quaternion, the quaternion norm, tx, ty and whether
-    x / z and y / z were clamped."""
-    for i in range(3):
-        for j in range(3):
-            w[i, j] = views[c, i, j]
-    x = w[0, 0] * means[g, 0] + w[0, 1] * means[g, 1] + w[0, 2] * means[g, 2] + views[c, 0, 3]
-    y = w[1, 0] * means[g, 0] + w[1, 1] * means[g, 1] + w[1, 2] * means[g, 2] + views[c, 1, 3]
-    z = w[2, 0] * means[g, 0] + w[2, 1] * means[g, 1] + w[2, 2] * means[g, 2] + views[c, 2, 3]
+def _gaussian(quats, scales, g, rq, m, sig):
+    """Per Gaussian g (any camera), into the scratch arrays: rq (rotation of the unit quaternion),
+    m = rq diag(s) and sig = m m^T. Returns the unit quaternion and the quaternion's norm."""
     qn = math.sqrt(quats[g, 0] ** 2 + quats[g, 1] ** 2 + quats[g, 2] ** 2 + quats[g, 3] ** 2)
     inv = 1.0 / max(qn, 1e-12)
     qw, qx, qy, qz = quats[g, 0] * inv, quats[g, 1] * inv, quats[g, 2] * inv, quats[g, 3] * inv
@@ -77,6 +68,20 @@ def _setup(means, quats, scales, views, ks, g, c, width, height, w, rq, m, sig, 
         for j in range(3):
             m[i, j] = rq[i, j] * scales[g, j]
     _mm_nt(m, m, sig)
+    return qw, qx, qy, qz, qn
+
+
+@njit(cache=True, inline="always")
+def _camera(means, views, ks, g, c, width, height, sig, w, cov_c, jac, tmp23, tmp33, cov2d):
+    """Gaussian g (its sig from `_gaussian`) in camera c, into the scratch arrays: w (world-to-camera
+    rotation), cov_c = W sig W^T, jac [2, 3] and cov2d = jac cov_c jac^T.
+    Returns the camera-space mean, tx, ty and whether x / z and y / z were clamped."""
+    for i in range(3):
+        for j in range(3):
+            w[i, j] = views[c, i, j]
+    x = w[0, 0] * means[g, 0] + w[0, 1] * means[g, 1] + w[0, 2] * means[g, 2] + views[c, 0, 3]
+    y = w[1, 0] * means[g, 0] + w[1, 1] * means[g, 1] + w[1, 2] * means[g, 2] + views[c, 1, 3]
+    z = w[2, 0] * means[g, 0] + w[2, 1] * means[g, 1] + w[2, 2] * means[g, 2] + views[c, 2, 3]
     _mm(w, sig, tmp33)
     _mm_nt(tmp33, w, cov_c)
     fx, fy, cx, cy = ks[c, 0, 0], ks[c, 1, 1], ks[c, 0, 2], ks[c, 1, 2]
@@ -92,51 +97,54 @@ def _setup(means, quats, scales, views, ks, g, c, width, height, w, rq, m, sig, 
     jac[1, 0], jac[1, 1], jac[1, 2] = 0.0, fy * rz, -fy * ty * rz * rz
     _mm(jac, cov_c, tmp23)
     _mm_nt(tmp23, jac, cov2d)
-    return x, y, z, qw, qx, qy, qz, qn, tx, ty, ux != u, uy != v
+    return x, y, z, tx, ty, ux != u, uy != v
 
 
 @njit(cache=True, parallel=True)
 def _forward(means, quats, scales, opacities, views, ks, width, height, near, far, eps2d, radius_clip,
              radii, means2d, depths, conics):
     n_cams, n = views.shape[0], means.shape[0]
-    total = n_cams * n
-    n_chunks = min(total, 256)
+    n_chunks = min(n, 256)
     for ch in prange(n_chunks):
         rq, m, sig, cov_c, tmp33 = (np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)),
                                     np.empty((3, 3)))
         jac, tmp23, cov2d, w = np.empty((2, 3)), np.empty((2, 3)), np.empty((2, 2)), np.empty((3, 3))
-        for i in range(ch * total // n_chunks, (ch + 1) * total // n_chunks):
-            c, g = i // n, i % n
-            radii[c, g, 0] = radii[c, g, 1] = 0
-            means2d[c, g, 0] = means2d[c, g, 1] = depths[c, g] = 0.0
-            conics[c, g, 0] = conics[c, g, 1] = conics[c, g, 2] = 0.0
-            z = views[c, 2, 0] * means[g, 0] + views[c, 2, 1] * means[g, 1] + views[c, 2, 2] * means[g, 2] + \
-                views[c, 2, 3]
-            if not (z >= near and z <= far) or opacities[g] < ALPHA_THRESHOLD:
+        for g in range(ch * n // n_chunks, (ch + 1) * n // n_chunks):
+            for c in range(n_cams):
+                radii[c, g, 0] = radii[c, g, 1] = 0
+                means2d[c, g, 0] = means2d[c, g, 1] = depths[c, g] = 0.0
+                conics[c, g, 0] = conics[c, g, 1] = conics[c, g, 2] = 0.0
+            if opacities[g] < ALPHA_THRESHOLD:
                 continue
-            x, y, z = _setup(means, quats, scales, views, ks, g, c, width, height, w, rq, m, sig, cov_c, jac, tmp23,
-                             tmp33, cov2d)[:3]
-            a, b, cc = cov2d[0, 0] + eps2d, cov2d[0, 1], cov2d[1, 1] + eps2d
-            det = a * cc - b * b
-            if not det > 0.0:
-                continue
-            extend = min(math.sqrt(2.0 * math.log(opacities[g] / ALPHA_THRESHOLD)), MAX_EXTEND)
-            rx, ry = math.ceil(extend * math.sqrt(max(a, 0.0))), math.ceil(extend * math.sqrt(max(cc, 0.0)))
-            mx = ks[c, 0, 0] * x / z + ks[c, 0, 2]
-            my = ks[c, 1, 1] * y / z + ks[c, 1, 2]
-            if rx <= radius_clip and ry <= radius_clip:
-                continue
-            if not (mx + rx > 0 and mx - rx < width and my + ry > 0 and my - ry < height):
-                continue
-            radii[c, g, 0], radii[c, g, 1] = rx, ry
-            means2d[c, g, 0], means2d[c, g, 1], depths[c, g] = mx, my, z
-            conics[c, g, 0], conics[c, g, 1], conics[c, g, 2] = cc / det, -b / det, a / det
+            _gaussian(quats, scales, g, rq, m, sig)
+            for c in range(n_cams):
+                z = views[c, 2, 0] * means[g, 0] + views[c, 2, 1] * means[g, 1] + views[c, 2, 2] * means[g, 2] + \
+                    views[c, 2, 3]
+                if not (z >= near and z <= far):
+                    continue
+                x, y, z = _camera(means, views, ks, g, c, width, height, sig, w, cov_c, jac, tmp23, tmp33, cov2d)[:3]
+                a, b, cc = cov2d[0, 0] + eps2d, cov2d[0, 1], cov2d[1, 1] + eps2d
+                det = a * cc - b * b
+                if not det > 0.0:
+                    continue
+                extend = min(math.sqrt(2.0 * math.log(opacities[g] / ALPHA_THRESHOLD)), MAX_EXTEND)
+                rx, ry = math.ceil(extend * math.sqrt(max(a, 0.0))), math.ceil(extend * math.sqrt(max(cc, 0.0)))
+                mx = ks[c, 0, 0] * x / z + ks[c, 0, 2]
+                my = ks[c, 1, 1] * y / z + ks[c, 1, 2]
+                if rx <= radius_clip and ry <= radius_clip:
+                    continue
+                if not (mx + rx > 0 and mx - rx < width and my + ry > 0 and my - ry < height):
+                    continue
+                radii[c, g, 0], radii[c, g, 1] = rx, ry
+                means2d[c, g, 0], means2d[c, g, 1], depths[c, g] = mx, my, z
+                conics[c, g, 0], conics[c, g, 1], conics[c, g, 2] = cc / det, -b / det, a / det
 
 
 @njit(cache=True, parallel=True)
 def _backward(means, quats, scales, views, ks, width, height, eps2d, radii, v_means2d, v_depths, v_conics,
               v_means, v_quats, v_scales):
-    """Vector-Jacobian product of `_forward` for the kept (radii > 0) entries, summed over cameras."""
+    """Vector-Jacobian product of `_forward` for the kept (radii > 0) entries, summed over cameras;
+    entries whose output gradients are all zero add nothing and are skipped."""
     n_cams, n = views.shape[0], means.shape[0]
     n_chunks = min(n, 256)
     for ch in prange(n_chunks):
@@ -144,15 +152,23 @@ def _backward(means, quats, scales, views, ks, width, height, eps2d, radii, v_me
                                     np.empty((3, 3)))
         jac, tmp23, cov2d = np.empty((2, 3)), np.empty((2, 3)), np.empty((2, 2))
         inv, gs, t22, v_cov2d = np.empty((2, 2)), np.empty((2, 2)), np.empty((2, 2)), np.empty((2, 2))
-        v_cov_c, v_sigma, v_m, v_jac = np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((2, 3))
+        v_cov_c, v_sig, v_sigma, v_m, v_jac = (np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)),
+                                               np.empty((2, 3)))
         w = np.empty((3, 3))
         for g in range(ch * n // n_chunks, (ch + 1) * n // n_chunks):
+            started = False
             for c in range(n_cams):
                 if radii[c, g, 0] <= 0 and radii[c, g, 1] <= 0:
                     continue
-                x, y, z, qw, qx, qy, qz, qn, tx, ty, clamp_x, clamp_y = _setup(
-                    means, quats, scales, views, ks, g, c, width, height, w, rq, m, sig, cov_c, jac, tmp23, tmp33,
-                    cov2d)
+                if (v_means2d[c, g, 0] == 0.0 and v_means2d[c, g, 1] == 0.0 and v_depths[c, g] == 0.0
+                        and v_conics[c, g, 0] == 0.0 and v_conics[c, g, 1] == 0.0 and v_conics[c, g, 2] == 0.0):
+                    continue
+                if not started:
+                    qw, qx, qy, qz, qn = _gaussian(quats, scales, g, rq, m, sig)
+                    v_sigma[:] = 0.0
+                    started = True
+                x, y, z, tx, ty, clamp_x, clamp_y = _camera(means, views, ks, g, c, width, height, sig, w, cov_c,
+                                                            jac, tmp23, tmp33, cov2d)
                 fx, fy = ks[c, 0, 0], ks[c, 1, 1]
                 rz = 1.0 / z
                 a, b, cc = cov2d[0, 0] + eps2d, cov2d[0, 1], cov2d[1, 1] + eps2d
@@ -169,27 +185,10 @@ def _backward(means, quats, scales, views, ks, width, height, eps2d, radii, v_me
                 _mm_tn(jac, tmp23, v_cov_c)  # J^T V J
                 _mm(tmp23, cov_c, v_jac)  # V J cov_c (times 2 below)
                 _mm_tn(w, v_cov_c, tmp33)
-                _mm(tmp33, w, v_sigma)  # W^T V W
-                _mm(v_sigma, m, v_m)  # (times 2: sig = m m^T, v_sigma symmetric)
-                for j in range(3):
-                    v_scales[g, j] += 2.0 * (v_m[0, j] * rq[0, j] + v_m[1, j] * rq[1, j] + v_m[2, j] * rq[2, j])
+                _mm(tmp33, w, v_sig)  # W^T V W
                 for i in range(3):
                     for j in range(3):
-                        v_m[i, j] *= 2.0 * scales[g, j]  # now dL/d rq
-                r = v_m
-                v_qw = 2 * (-qz * r[0, 1] + qy * r[0, 2] + qz * r[1, 0] - qx * r[1, 2] - qy * r[2, 0] + qx * r[2, 1])
-                v_qx = 2 * (qy * r[0, 1] + qz * r[0, 2] + qy * r[1, 0] - 2 * qx * r[1, 1] - qw * r[1, 2]
-                            + qz * r[2, 0] + qw * r[2, 1] - 2 * qx * r[2, 2])
-                v_qy = 2 * (-2 * qy * r[0, 0] + qx * r[0, 1] + qw * r[0, 2] + qx * r[1, 0] + qz * r[1, 2]
-                            - qw * r[2, 0] + qz * r[2, 1] - 2 * qy * r[2, 2])
-                v_qz = 2 * (-2 * qz * r[0, 0] - qw * r[0, 1] + qx * r[0, 2] + qw * r[1, 0] - 2 * qz * r[1, 1]
-                            + qy * r[1, 2] + qx * r[2, 0] + qy * r[2, 1])
-                dot = qw * v_qw + qx * v_qx + qy * v_qy + qz * v_qz
-                inv_n = 1.0 / max(qn, 1e-12)
-                v_quats[g, 0] += (v_qw - qw * dot) * inv_n
-                v_quats[g, 1] += (v_qx - qx * dot) * inv_n
-                v_quats[g, 2] += (v_qy - qy * dot) * inv_n
-                v_quats[g, 3] += (v_qz - qz * dot) * inv_n
+                        v_sigma[i, j] += v_sig[i, j]
                 # J = [[fx rz, 0, -fx tx rz^2], [0, fy rz, -fy ty rz^2]]; tx = x unless clamped (then z * lim)
                 j00, j11, j02, j12 = 2 * v_jac[0, 0], 2 * v_jac[1, 1], 2 * v_jac[0, 2], 2 * v_jac[1, 2]
                 v_rz = fx * j00 + fy * j11 - 2 * rz * (fx * tx * j02 + fy * ty * j12)
@@ -208,6 +207,29 @@ def _backward(means, quats, scales, views, ks, width, height, eps2d, radii, v_me
                     v_y += v_ty
                 for j in range(3):
                     v_means[g, j] += w[0, j] * v_x + w[1, j] * v_y + w[2, j] * v_z
+            if not started:
+                continue
+            # sig = m m^T, summed over the cameras: v_m = 2 v_sigma m (v_sigma symmetric)
+            _mm(v_sigma, m, v_m)
+            for j in range(3):
+                v_scales[g, j] += 2.0 * (v_m[0, j] * rq[0, j] + v_m[1, j] * rq[1, j] + v_m[2, j] * rq[2, j])
+            for i in range(3):
+                for j in range(3):
+                    v_m[i, j] *= 2.0 * scales[g, j]  # now dL/d rq
+            r = v_m
+            v_qw = 2 * (-qz * r[0, 1] + qy * r[0, 2] + qz * r[1, 0] - qx * r[1, 2] - qy * r[2, 0] + qx * r[2, 1])
+            v_qx = 2 * (qy * r[0, 1] + qz * r[0, 2] + qy * r[1, 0] - 2 * qx * r[1, 1] - qw * r[1, 2]
+                        + qz * r[2, 0] + qw * r[2, 1] - 2 * qx * r[2, 2])
+            v_qy = 2 * (-2 * qy * r[0, 0] + qx * r[0, 1] + qw * r[0, 2] + qx * r[1, 0] + qz * r[1, 2]
+                        - qw * r[2, 0] + qz * r[2, 1] - 2 * qy * r[2, 2])
+            v_qz = 2 * (-2 * qz * r[0, 0] - qw * r[0, 1] + qx * r[0, 2] + qw * r[1, 0] - 2 * qz * r[1, 1]
+                        + qy * r[1, 2] + qx * r[2, 0] + qy * r[2, 1])
+            dot = qw * v_qw + qx * v_qx + qy * v_qy + qz * v_qz
+            inv_n = 1.0 / max(qn, 1e-12)
+            v_quats[g, 0] += (v_qw - qw * dot) * inv_n
+            v_quats[g, 1] += (v_qx - qx * dot) * inv_n
+            v_quats[g, 2] += (v_qy - qy * dot) * inv_n
+            v_quats[g, 3] += (v_qz - qz * dot) * inv_n
 
 
 class _ProjectCPU(torch.autograd.Function):

@@ -110,6 +110,11 @@ def _backward(k, coeffs, means, campos, raw, v_colors, v_coeffs, v_means):
     for g in prange(n):
         basis, vb = np.empty(16), np.empty(16)
         for c in range(n_cams):
+            zero = True
+            for d in range(dim):
+                zero = zero and v_colors[c, g, d] == 0.0
+            if zero:
+                continue  # adds nothing
             nrm, x, y, z = _unit(means, campos, c, g)
             _basis(k, x, y, z, basis)
             vb[:k] = 0.0
