@@ -68,22 +68,31 @@ def _span(rec, axis, lo, hi):
 
 
 @njit(cache=True, inline="always")
-def _row_setup(rec, dy, x0, x1):
-    """Columns [j0, j1) of the tile's [x0, x1) that can hold a fragment in the row at offset dy, and
-    exp(-sigma) along it as products: e = exp(-sigma(j0)) and h = e(j0+1) / e(j0); each next h is
-    h * exp(-a), sigma being quadratic in j. `recur` is False when exp(-sigma) must be computed per
-    pixel instead (indefinite conic, short row, or one so steep that the products could overflow)."""
+def _row_span(rec, dy, x0, x1):
+    """Columns [j0, j1) of [x0, x1) that can hold a fragment of Gaussian `rec` in the row at offset dy
+    (all of them for an indefinite conic)."""
     if rec[7] == 0.0:
-        return x0, x1, 0.0, 0.0, False
+        return x0, x1
     mx, a, b, c, lim = rec[0], rec[2], rec[3], rec[4], rec[6]
     disc = (b * b - a * c) * dy * dy + 2.0 * a * lim
     if disc < 0.0:
-        return x0, x0, 0.0, 0.0, False
+        return x0, x0
     half = math.sqrt(disc) / a
     jc = mx - 0.5 + b * dy / a  # column of the row's sigma minimum; sigma <= lim within +- half
     tol = _SPAN_TOL * (1.0 + abs(jc) + half)
-    j0 = _clamp_int(math.ceil(jc - half - tol), x0, x1)
-    j1 = _clamp_int(math.floor(jc + half + tol) + 1.0, x0, x1)
+    return _clamp_int(math.ceil(jc - half - tol), x0, x1), _clamp_int(math.floor(jc + half + tol) + 1.0, x0, x1)
+
+
+@njit(cache=True, inline="always")
+def _row_setup(rec, dy, x0, x1):
+    """`_row_span`'s columns [j0, j1), and exp(-sigma) along them as products: e = exp(-sigma(j0))
+    and h = e(j0+1) / e(j0); each next h is h * exp(-a), sigma being quadratic in j. `recur` is
+    False when exp(-sigma) must be computed per pixel instead (indefinite conic, short row, or one so
+    steep that the products could overflow)."""
+    j0, j1 = _row_span(rec, dy, x0, x1)
+    if rec[7] == 0.0:
+        return j0, j1, 0.0, 0.0, False
+    mx, a, b, c = rec[0], rec[2], rec[3], rec[4]
     dx = mx - (j0 + 0.5)
     step = 0.5 * a - a * dx - b * dy  # sigma(j0 + 1) - sigma(j0)
     if j1 - j0 < _RECUR_MIN or a * (j1 - j0) + abs(step) > 60.0:
@@ -360,6 +369,11 @@ def _backward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height
             y1 = min(y0 + tile_size, height)
             bw = x1 - x0
             k_max = -1
+            for i in range(y0, y1):
+                for j in range(x0, x1):
+                    k_max = max(k_max, last[cam, i, j])
+            if k_max < 0:
+                continue  # no pixel of the tile has a fragment: no gradient from it
             _active_spans(active, cam, x0, x1, y0, y1, lo, hi)
             for i in range(y0, y1):
                 open_lo[i - y0], open_hi[i - y0] = x1, x0
@@ -368,7 +382,6 @@ def _backward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height
                     t_fin[p] = trans[cam, i, j]
                     t_cur[p] = t_fin[p]
                     lst[p] = last[cam, i, j]
-                    k_max = max(k_max, lst[p])
                     vra[p] = v_alpha_out[cam, i, j]
                     s = 0.0
                     for d in range(dim):

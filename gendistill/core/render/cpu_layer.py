@@ -5,9 +5,9 @@ small set of Gaussians that changes. `frozen_layer` prepares one view of the res
 records sorted front to back, its tile and pixel boxes and its render alone. `composite_with_layers`
 then composites the set with one layer per camera, exactly as `rasterize_to_pixels_cpu` composites
 the two concatenated (layer first, so depth ties go to the layer), but only at the pixels the set can
-reach (its radii boxes grown by one pixel) and with only the layer Gaussians whose boxes reach
-those pixels: the layer rows need no sorting, packing or gradients, and every other pixel is the
-layer's render alone. Same kernels, same float64 arithmetic, so the same result.
+reach (the kernels' own row and column spans of its ellipses) and with only the layer Gaussians
+whose boxes reach those pixels: the layer rows need no sorting, packing or gradients, and every
+other pixel is the layer's render alone. Same kernels, same float64 arithmetic, so the same result.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .cpu_backend import _assign, _backward, _clamp_int, _depth_order, _f64, _forward, _np, _prepare
+from .cpu_backend import _assign, _backward, _clamp_int, _depth_order, _f64, _forward, _np, _prepare, _row_span, _span
 
 __all__ = ["FrozenLayer", "frozen_layer", "composite_with_layers"]
 
@@ -63,32 +63,31 @@ def _pixel_boxes(means2d, radii, width, height):
 
 
 @njit(cache=True)
-def _cover(boxes, height, width):
-    """[C, H, W] bool: the pixels inside at least one of the [C, M, 4] pixel boxes."""
-    n_cams = boxes.shape[0]
-    diff = np.zeros((n_cams, height + 1, width + 1), np.int32)
-    for c in range(n_cams):
-        for g in range(boxes.shape[1]):
-            x0, y0, x1, y1 = boxes[c, g, 0], boxes[c, g, 1], boxes[c, g, 2], boxes[c, g, 3]
-            if x1 > x0 and y1 > y0:
-                diff[c, y0, x0] += 1
-                diff[c, y0, x1] -= 1
-                diff[c, y1, x0] -= 1
-                diff[c, y1, x1] += 1
+def _reach(recs, tiles, n_cams, tile_size, width, height):
+    """[C, H, W] bool: the pixels where the kernels can draw a fragment of one of the [C*N] rows
+    (camera c's are c*N...): inside its tile box, in the row span of `_span` and the column spans of
+    `_row_span`, which hold every pixel the exact test can pass (with margins)."""
+    n = recs.shape[0] // max(n_cams, 1)
+    diff = np.zeros((n_cams, height, width + 1), np.int32)
+    for r in range(recs.shape[0]):
+        rec, c = recs[r], r // n
+        if rec[6] < 0.0 or tiles[r, 2] <= tiles[r, 0] or tiles[r, 3] <= tiles[r, 1]:
+            continue
+        x0, y0 = tiles[r, 0] * tile_size, tiles[r, 1] * tile_size
+        x1, y1 = min(tiles[r, 2] * tile_size, width), min(tiles[r, 3] * tile_size, height)
+        i0, i1 = _span(rec, 1, y0, y1)
+        for i in range(i0, i1):
+            j0, j1 = _row_span(rec, rec[1] - (i + 0.5), x0, x1)
+            if j1 > j0:
+                diff[c, i, j0] += 1
+                diff[c, i, j1] -= 1
     hot = np.empty((n_cams, height, width), np.bool_)
     for c in range(n_cams):
-        for i in range(height + 1):
-            for j in range(width + 1):
-                s = diff[c, i, j]
-                if i > 0:
-                    s += diff[c, i - 1, j]
-                if j > 0:
-                    s += diff[c, i, j - 1]
-                if i > 0 and j > 0:
-                    s -= diff[c, i - 1, j - 1]
-                diff[c, i, j] = s
-                if i < height and j < width:
-                    hot[c, i, j] = s > 0
+        for i in range(height):
+            s = 0
+            for j in range(width):
+                s += diff[c, i, j]
+                hot[c, i, j] = s > 0
     return hot
 
 
@@ -153,8 +152,8 @@ def _merge_bin(l_tiles, l_depths, picked, s_tiles, s_depths, s_order, tiles_w, n
 @torch.no_grad()
 def frozen_layer(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
                  image: Tensor, keep: Tensor | None = None, tile_size: int = 16) -> FrozenLayer:
-    """One camera's projected Gaussians (means2d [N,2], conics [N,3], colors [N,D], opacities [N],
-    depths [N], radii [N,2]; the outputs of a projection without the camera axis) as a layer.
+    """One camera's projected Gaussians (means2d [N,2], conics [N,3], colors [N,D], opacities [N] at
+    most 1, depths [N], radii [N,2] as a projection gives them, without the camera axis) as a layer.
     image: [H, W, D] their render alone (with the background the composite will use). keep: [N] bool
     or None (all): Gaussians to keep (drop only those that neither composite into nor end any pixel
     of `image`: such a Gaussian does neither with more Gaussians in front or behind)."""
@@ -185,7 +184,7 @@ class _CompositeWithLayers(torch.autograd.Function):
         s_cols = _f64(colors).reshape(-1, dim)
         s_depths = _np(depths)
         order = _depth_order(s_depths)
-        hot = _cover(np.stack([_pixel_boxes(xy[c], rad[c], width, height) for c in range(n_cams)]), height, width)
+        hot = _reach(s_recs, s_tiles, n_cams, tile_size, width, height)
         bgs = _f64(backgrounds).reshape(n_cams, dim)
         render = np.empty((n_cams, height, width, dim))
         trans = np.empty((n_cams, height, width))
@@ -228,7 +227,7 @@ def composite_with_layers(means2d: Tensor, conics: Tensor, colors: Tensor, opaci
                           radii: Tensor, layers: list[FrozenLayer], backgrounds: Tensor,
                           tile_size: int = 16) -> Tensor:
     """Composite projected Gaussians (as `rasterize_to_pixels_cpu`: means2d [C,N,2], conics [C,N,3],
-    colors [C,N,D], opacities [C,N] at most 1, depths [C,N], radii [C,N,2]) with `layers[c]` behind
+    colors [C,N,D], opacities [C,N], depths [C,N], radii [C,N,2]) with `layers[c]` behind
     and in front in camera c, over backgrounds [C,D] (those the layers' images were rendered with).
 
     Returns render [C,H,W,D], differentiable w.r.t. means2d, conics, colors and opacities.
