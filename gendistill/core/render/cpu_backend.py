@@ -68,31 +68,22 @@ def _span(rec, axis, lo, hi):
 
 
 @njit(cache=True, inline="always")
-def _row_span(rec, dy, x0, x1):
-    """Columns [j0, j1) of [x0, x1) that can hold a fragment of Gaussian `rec` in the row at offset dy
-    (all of them for an indefinite conic)."""
+def _row_setup(rec, dy, x0, x1):
+    """Columns [j0, j1) of the tile's [x0, x1) that can hold a fragment in the row at offset dy, and
+    exp(-sigma) along it as products: e = exp(-sigma(j0)) and h = e(j0+1) / e(j0); each next h is
+    h * exp(-a), sigma being quadratic in j. `recur` is False when exp(-sigma) must be computed per
+    pixel instead (indefinite conic, short row, or one so steep that the products could overflow)."""
     if rec[7] == 0.0:
-        return x0, x1
+        return x0, x1, 0.0, 0.0, False
     mx, a, b, c, lim = rec[0], rec[2], rec[3], rec[4], rec[6]
     disc = (b * b - a * c) * dy * dy + 2.0 * a * lim
     if disc < 0.0:
-        return x0, x0
+        return x0, x0, 0.0, 0.0, False
     half = math.sqrt(disc) / a
     jc = mx - 0.5 + b * dy / a  # column of the row's sigma minimum; sigma <= lim within +- half
     tol = _SPAN_TOL * (1.0 + abs(jc) + half)
-    return _clamp_int(math.ceil(jc - half - tol), x0, x1), _clamp_int(math.floor(jc + half + tol) + 1.0, x0, x1)
-
-
-@njit(cache=True, inline="always")
-def _row_setup(rec, dy, x0, x1):
-    """`_row_span`'s columns [j0, j1), and exp(-sigma) along them as products: e = exp(-sigma(j0))
-    and h = e(j0+1) / e(j0); each next h is h * exp(-a), sigma being quadratic in j. `recur` is
-    False when exp(-sigma) must be computed per pixel instead (indefinite conic, short row, or one so
-    steep that the products could overflow)."""
-    j0, j1 = _row_span(rec, dy, x0, x1)
-    if rec[7] == 0.0:
-        return j0, j1, 0.0, 0.0, False
-    mx, a, b, c = rec[0], rec[2], rec[3], rec[4]
+    j0 = _clamp_int(math.ceil(jc - half - tol), x0, x1)
+    j1 = _clamp_int(math.floor(jc + half + tol) + 1.0, x0, x1)
     dx = mx - (j0 + 0.5)
     step = 0.5 * a - a * dx - b * dy  # sigma(j0 + 1) - sigma(j0)
     if j1 - j0 < _RECUR_MIN or a * (j1 - j0) + abs(step) > 60.0:

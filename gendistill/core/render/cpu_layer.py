@@ -4,10 +4,11 @@ A part editor renders the same frozen rest of a scene from a few fixed views, st
 small set of Gaussians that changes. `frozen_layer` prepares one view of the rest once: its kernel
 records sorted front to back, its tile and pixel boxes and its render alone. `composite_with_layers`
 then composites the set with one layer per camera, exactly as `rasterize_to_pixels_cpu` composites
-the two concatenated (layer first, so depth ties go to the layer), but only at the pixels the set can
-reach (the kernels' own row and column spans of its ellipses) and with only the layer Gaussians
-whose boxes reach those pixels: the layer rows need no sorting, packing or gradients, and every
-other pixel is the layer's render alone. Same kernels, same float64 arithmetic, so the same result.
+the two concatenated (layer first, so depth ties go to the layer), but only at the pixels the set
+can reach (the boxes of the kernels' own row and column spans of its ellipses) and with only the
+layer Gaussians whose boxes reach those pixels: the layer rows need no sorting, packing or
+gradients, and every other pixel is the layer's render alone. Same kernels, same float64
+arithmetic, so the same result.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .cpu_backend import _assign, _backward, _clamp_int, _depth_order, _f64, _forward, _np, _prepare, _row_span, _span
+from .cpu_backend import _assign, _backward, _clamp_int, _depth_order, _f64, _forward, _np, _prepare, _span
 
 __all__ = ["FrozenLayer", "frozen_layer", "composite_with_layers"]
 
@@ -65,29 +66,33 @@ def _pixel_boxes(means2d, radii, width, height):
 @njit(cache=True)
 def _reach(recs, tiles, n_cams, tile_size, width, height):
     """[C, H, W] bool: the pixels where the kernels can draw a fragment of one of the [C*N] rows
-    (camera c's are c*N...): inside its tile box, in the row span of `_span` and the column spans of
-    `_row_span`, which hold every pixel the exact test can pass (with margins)."""
+    (camera c's are c*N...): inside its tile box and the box of its ellipse's `_span`s, which holds
+    every pixel the exact test can pass (with margins)."""
     n = recs.shape[0] // max(n_cams, 1)
-    diff = np.zeros((n_cams, height, width + 1), np.int32)
+    diff = np.zeros((n_cams, height + 1, width + 1), np.int32)
     for r in range(recs.shape[0]):
         rec, c = recs[r], r // n
         if rec[6] < 0.0 or tiles[r, 2] <= tiles[r, 0] or tiles[r, 3] <= tiles[r, 1]:
             continue
-        x0, y0 = tiles[r, 0] * tile_size, tiles[r, 1] * tile_size
-        x1, y1 = min(tiles[r, 2] * tile_size, width), min(tiles[r, 3] * tile_size, height)
-        i0, i1 = _span(rec, 1, y0, y1)
-        for i in range(i0, i1):
-            j0, j1 = _row_span(rec, rec[1] - (i + 0.5), x0, x1)
-            if j1 > j0:
-                diff[c, i, j0] += 1
-                diff[c, i, j1] -= 1
+        i0, i1 = _span(rec, 1, tiles[r, 1] * tile_size, min(tiles[r, 3] * tile_size, height))
+        j0, j1 = _span(rec, 0, tiles[r, 0] * tile_size, min(tiles[r, 2] * tile_size, width))
+        if i1 > i0 and j1 > j0:
+            diff[c, i0, j0] += 1
+            diff[c, i0, j1] -= 1
+            diff[c, i1, j0] -= 1
+            diff[c, i1, j1] += 1
     hot = np.empty((n_cams, height, width), np.bool_)
     for c in range(n_cams):
-        for i in range(height):
-            s = 0
-            for j in range(width):
-                s += diff[c, i, j]
-                hot[c, i, j] = s > 0
+        for i in range(height + 1):
+            for j in range(width + 1):
+                if i > 0:
+                    diff[c, i, j] += diff[c, i - 1, j]
+                if j > 0:
+                    diff[c, i, j] += diff[c, i, j - 1]
+                if i > 0 and j > 0:
+                    diff[c, i, j] -= diff[c, i - 1, j - 1]
+                if i < height and j < width:
+                    hot[c, i, j] = diff[c, i, j] > 0
     return hot
 
 
@@ -109,6 +114,14 @@ def _touching(boxes, hot):
     return rows[:k]
 
 
+@njit(cache=True, inline="always")
+def _count(tiles, r, tiles_w, offsets):
+    """Add row r's tile box to the per-tile counts offsets[t + 1]."""
+    for ty in range(tiles[r, 1], tiles[r, 3]):
+        for tx in range(tiles[r, 0], tiles[r, 2]):
+            offsets[ty * tiles_w + tx + 1] += 1
+
+
 @njit(cache=True)
 def _merge_bin(l_tiles, l_depths, picked, s_tiles, s_depths, s_order, tiles_w, n_tiles):
     """One camera's per-tile lists, front to back, of the `picked` layer rows (in depth order already)
@@ -117,32 +130,29 @@ def _merge_bin(l_tiles, l_depths, picked, s_tiles, s_depths, s_order, tiles_w, n
     Returns offsets [n_tiles + 1] int64 and ids [n_isects] int32."""
     n_l, n_p, n_s = l_tiles.shape[0], picked.shape[0], s_order.shape[0]
     offsets = np.zeros(n_tiles + 1, np.int64)
-    ids = np.empty(0, np.int32)
-    cursor = np.empty(0, np.int64)
-    for fill in range(2):  # count, then fill
-        if fill:
-            for t in range(n_tiles):
-                offsets[t + 1] += offsets[t]
-            ids = np.empty(offsets[-1], np.int32)
-            cursor = offsets[:-1].copy()
-        i = j = 0
-        while i < n_p or j < n_s:
-            if j == n_s or (i < n_p and l_depths[picked[i]] <= s_depths[s_order[j]]):
-                r = picked[i]
-                row, x0, y0, x1, y1 = r, l_tiles[r, 0], l_tiles[r, 1], l_tiles[r, 2], l_tiles[r, 3]
-                i += 1
-            else:
-                r = s_order[j]
-                row, x0, y0, x1, y1 = n_l + r, s_tiles[r, 0], s_tiles[r, 1], s_tiles[r, 2], s_tiles[r, 3]
-                j += 1
-            for ty in range(y0, y1):
-                for tx in range(x0, x1):
-                    t = ty * tiles_w + tx
-                    if fill:
-                        ids[cursor[t]] = row
-                        cursor[t] += 1
-                    else:
-                        offsets[t + 1] += 1
+    for i in range(n_p):
+        _count(l_tiles, picked[i], tiles_w, offsets)
+    for j in range(n_s):
+        _count(s_tiles, j, tiles_w, offsets)
+    for t in range(n_tiles):
+        offsets[t + 1] += offsets[t]
+    ids = np.empty(offsets[-1], np.int32)
+    cursor = offsets[:-1].copy()
+    i = j = 0
+    while i < n_p or j < n_s:
+        if j == n_s or (i < n_p and l_depths[picked[i]] <= s_depths[s_order[j]]):
+            r = picked[i]
+            row, x0, y0, x1, y1 = r, l_tiles[r, 0], l_tiles[r, 1], l_tiles[r, 2], l_tiles[r, 3]
+            i += 1
+        else:
+            r = s_order[j]
+            row, x0, y0, x1, y1 = n_l + r, s_tiles[r, 0], s_tiles[r, 1], s_tiles[r, 2], s_tiles[r, 3]
+            j += 1
+        for ty in range(y0, y1):
+            for tx in range(x0, x1):
+                t = ty * tiles_w + tx
+                ids[cursor[t]] = row
+                cursor[t] += 1
     return offsets, ids
 
 
