@@ -158,37 +158,51 @@ def render_part(rest: dict[str, Tensor], part: dict[str, Tensor], cameras: Camer
     """
     cams = cameras.to(rest["means"].device, rest["means"].dtype)
     part = {k: v.to(rest["means"].dtype) for k, v in part.items()}
-    n_rest, n_part = len(rest["means"]), len(part["means"])
     bg = torch.cat([background.to(rest["means"]), rest["means"].new_zeros(1)]).expand(len(cams), 4).contiguous()
     name = select_backend(backend, rest["means"])
-    composite = compositor(name)
-    meta = {"width": cams.width, "height": cams.height, "n_cameras": len(cams)}
-    layers = None
-    if composite is not None and rest_cache is not None and name == "cpu":
+    out = None
+    if rest_cache is not None and name == "cpu":
         layers = _rest_layers(rest, cams, sh_degree, rest_cache, name, bg[0])
-    if layers is not None:
-        q = _project(part, cams, sh_degree, name, 1.0)
-        out = composite_with_layers(q["means2d"], q["conics"], q["colors"], q["opacities"], q["depths"], q["radii"],
-                                    layers, bg, TILE)
-        return out[..., :3], out[..., 3], {"means2d": q["means2d"], "radii": q["radii"], **meta}
-    if composite is None or rest_cache is None or name == "cpu":
-        cat = {k: torch.cat([rest[k], part[k]]) for k in ("means", "quats", "scales", "opacities", "sh")}
-        rgb = colorizer(name)(sh_degree, cat["sh"], cat["means"], cams.viewmats)
-        flag = torch.cat([rest["means"].new_zeros(n_rest), part["means"].new_ones(n_part)])
-        feats = torch.cat([rgb, flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
-        out, _, full = rasterize(cat["means"], cat["quats"], cat["scales"], cat["opacities"], feats, cams.viewmats,
-                                 cams.Ks, cams.width, cams.height, backgrounds=bg, backend=backend)
-        return out[..., :3], out[..., 3], full
-    r, cached = _rest_views(rest, cams, sh_degree, rest_cache, composite, name, bg[0])
-    q = _project(part, cams, sh_degree, name, 1.0)
+        if layers is not None:
+            q = _project(part, cams, sh_degree, name, 1.0)
+            out = composite_with_layers(q["means2d"], q["conics"], q["colors"], q["opacities"], q["depths"],
+                                        q["radii"], layers, bg, TILE)
+    elif rest_cache is not None and compositor(name) is not None:
+        out, q = _over_rest_views(rest, part, cams, sh_degree, rest_cache, name, bg)
+    if out is None:
+        return _whole(rest, part, cams, sh_degree, name, bg)
+    meta = {"means2d": q["means2d"], "radii": q["radii"], "width": cams.width, "height": cams.height,
+            "n_cameras": len(cams)}
+    return out[..., :3], out[..., 3], meta
+
+
+def _whole(rest: dict[str, Tensor], part: dict[str, Tensor], cams: Cameras, sh_degree: int, backend: str,
+           bg: Tensor) -> tuple[Tensor, Tensor, dict]:
+    """`render_part` by one `rasterize` of the rest and the part concatenated."""
+    cat = {k: torch.cat([rest[k], part[k]]) for k in ("means", "quats", "scales", "opacities", "sh")}
+    rgb = colorizer(backend)(sh_degree, cat["sh"], cat["means"], cams.viewmats)
+    flag = torch.cat([rest["means"].new_zeros(len(rest["means"])), part["means"].new_ones(len(part["means"]))])
+    feats = torch.cat([rgb, flag[None, :, None].expand(len(cams), -1, 1)], dim=-1)
+    out, _, meta = rasterize(cat["means"], cat["quats"], cat["scales"], cat["opacities"], feats, cams.viewmats,
+                             cams.Ks, cams.width, cams.height, backgrounds=bg, backend=backend)
+    return out[..., :3], out[..., 3], meta
+
+
+def _over_rest_views(rest: dict[str, Tensor], part: dict[str, Tensor], cams: Cameras, sh_degree: int,
+                     cache: RestCache, backend: str, bg: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """`render_part`'s [C,H,W,4] render with the backend's compositor over the rest's cached views
+    (the "torch" backend), and the composited 2D Gaussians (means2d, radii; the part last)."""
+    composite = compositor(backend)
+    r, cached = _rest_views(rest, cams, sh_degree, cache, composite, backend, bg[0])
+    q = _project(part, cams, sh_degree, backend, 1.0)
     hot = touched_tiles(pixel_boxes(q["means2d"], q["radii"], cams.width, cams.height), cams.width, cams.height)
     hot |= ~cached.to(hot.device)[:, None, None]  # no render of the rest alone: composite everything
     near = boxes_touch(r["boxes"], hot)  # [C, n_rest]: rest Gaussians that can reach a composited pixel
     keep = near.any(0).nonzero()[:, 0]
     g = {k: torch.cat([r[k][:, keep], q[k]], dim=1) for k in q}
-    g["radii"] = g["radii"] * torch.cat([near[:, keep], near.new_ones(len(cams), n_part)], 1)[..., None]
+    g["radii"] = g["radii"] * torch.cat([near[:, keep], near.new_ones(len(cams), len(part["means"]))], 1)[..., None]
     out, _ = composite(g["means2d"], g["conics"], g["colors"], g["opacities"], g["depths"], g["radii"], cams.width,
                        cams.height, bg, TILE, pixel_mask=hot)
     if "image" in r:
         out = torch.where(hot[..., None], out, r["image"].to(out))
-    return out[..., :3], out[..., 3], {"means2d": g["means2d"], "radii": g["radii"], **meta}
+    return out, g
