@@ -268,7 +268,8 @@ def test_pixel_mask_composites_only_masked_pixels(backend):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_prepared_tile_boxes_match_tile_boxes(dtype):
-    """The kernel's fused tile boxes are `tile_boxes`, also at tile edges and for NaN / inf / culled entries."""
+    """The kernel's fused tile boxes are `tile_boxes`, also at tile edges and for NaN / inf / culled
+    entries, trimmed to the tiles the ellipse reaches (none here: the ellipses are huge)."""
     from gendistill.core.render.cpu_backend import _prepare
     from gendistill.core.render.torch_backend import tile_boxes
 
@@ -277,8 +278,45 @@ def test_prepared_tile_boxes_match_tile_boxes(dtype):
     xy = (rng.integers(-3, 12, (n, 2)) * 8 + rng.choice([0.0, 1e-6, -1e-6, 0.5, 3.25], (n, 2))).astype(dtype)
     xy[:5] = [[np.nan, 3], [np.inf, 2], [-np.inf, 5], [1e30, -1e30], [7.5, np.nan]]
     radii = rng.integers(-1, 30, (n, 2)).astype(np.int32)
-    conics = np.tile(np.array([0.5, 0.1, 0.4], dtype), (n, 1))
-    opac = rng.random(n).astype(dtype)
+    conics = np.tile(np.array([1e-6, 0.0, 1e-6], dtype), (n, 1))
+    opac = (0.01 + rng.random(n)).astype(dtype)
     _, rects = _prepare(xy, conics, opac, radii.astype(dtype), dtype(8), 9, 7)
-    ref = tile_boxes(torch.from_numpy(xy), torch.from_numpy(radii), 8, 9, 7)
-    np.testing.assert_array_equal(rects, ref.numpy())
+    ref = tile_boxes(torch.from_numpy(xy), torch.from_numpy(radii), 8, 9, 7).numpy()
+    empty = lambda b: (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])  # noqa: E731
+    np.testing.assert_array_equal(empty(rects), empty(ref))
+    np.testing.assert_array_equal(rects[~empty(ref)], ref[~empty(ref)])
+    assert (~empty(ref)).sum() > 1500
+
+
+def test_prepared_tile_boxes_skip_tiles_the_ellipse_misses():
+    """Small ellipses in large radii boxes keep only the tiles their pixel span reaches (each axis:
+    pixels whose centre is within the ellipse's half-width at sigma = log(255 opacity) of the mean);
+    Gaussians too faint to draw (opacity < 1/255) get an empty box."""
+    from gendistill.core.render.cpu_backend import _LIM_MARGIN, _SPAN_TOL, _prepare
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    xy = rng.uniform(-10, 90, (n, 2))
+    s = rng.uniform(0.3, 6.0, (n, 2))
+    conics = np.stack([1 / s[:, 0] ** 2, np.zeros(n), 1 / s[:, 1] ** 2], -1)  # axis-aligned
+    opac = rng.uniform(0.0, 1.0, n)
+    opac[:10] = 0.001
+    _, rects = _prepare(xy, conics, opac, np.full((n, 2), 40.0), 16.0, 5, 5)
+    lim = np.log(255 * opac)
+    lim += _LIM_MARGIN * (1 + np.abs(lim))
+    want, gone = np.zeros((n, 4), np.int64), lim < 0
+    for axis in range(2):
+        ext = s[:, axis] * np.sqrt(2 * lim.clip(0))
+        tol = _SPAN_TOL * (1 + np.abs(xy[:, axis]) + ext)
+        p0 = np.clip(np.ceil(xy[:, axis] - 0.5 - ext - tol), 0, 80)
+        p1 = np.clip(np.floor(xy[:, axis] - 0.5 + ext + tol) + 1, 0, 80)
+        want[:, axis] = np.maximum(np.clip(np.floor((xy[:, axis] - 40) / 16), 0, 5), p0 // 16)
+        want[:, axis + 2] = np.minimum(np.clip(np.ceil((xy[:, axis] + 40) / 16), 0, 5), (p1 - 1) // 16 + 1)
+        gone |= p1 <= p0  # no pixel centre within reach
+    empty = lambda b: (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])  # noqa: E731
+    gone |= empty(want)
+    np.testing.assert_array_equal(empty(rects), gone)
+    np.testing.assert_array_equal(rects[~gone], want[~gone])
+    assert gone[:10].all() and (~gone).sum() > 2000
+    radii_tiles = (np.clip(np.ceil((xy + 40) / 16), 0, 5) - np.clip(np.floor((xy - 40) / 16), 0, 5)).prod(-1)
+    assert (want[~gone, 2:] - want[~gone, :2]).prod(-1).sum() < 0.5 * radii_tiles.sum()  # most tiles dropped

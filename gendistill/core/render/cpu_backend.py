@@ -109,8 +109,10 @@ def _active_spans(active, cam, x0, x1, y0, y1, lo, hi):
 @njit(cache=True, parallel=True)
 def _prepare(means2d, conics, opacities, radii, tile_size, tiles_w, tiles_h):
     """Per (camera, Gaussian) row of [M, 2] means2d, [M, 3] conics, [M] opacities and [M, 2] radii
-    (radii in the float dtype of means2d): the [M, _NP] float64 record and the [M, 4] int32 tile box,
-    computed as `tile_boxes` does (in the dtype of means2d; `tile_size` a scalar of that dtype)."""
+    (radii in the float dtype of means2d): the [M, _NP] float64 record and the [M, 4] int32 tile box.
+    The box is `tile_boxes`' (in the dtype of means2d; `tile_size` a scalar of that dtype) less the
+    tiles that the row and column `_span`s of the ellipse miss, where no fragment can be drawn (about
+    a sixth of the tile visits in an edit step); empty for a Gaussian that draws nothing (lim < 0)."""
     n = means2d.shape[0]
     recs = np.empty((n, _NP))
     rects = np.zeros((n, 4), np.int32)
@@ -133,13 +135,21 @@ def _prepare(means2d, conics, opacities, radii, tile_size, tiles_w, tiles_h):
             ext = 2.0 * max(lim, 0.0) / (a * c - b * b)
             recs[g, 8], recs[g, 9] = math.sqrt(ext * c), math.sqrt(ext * a)  # the largest |dx|, |dy| at sigma = lim
             recs[g, 10] = math.exp(-a)
-        if radii[g, 0] > 0 and radii[g, 1] > 0:
+        if radii[g, 0] > 0 and radii[g, 1] > 0 and lim >= 0.0:
             tx, ty = means2d[g, 0] / tile_size, means2d[g, 1] / tile_size
             rx, ry = radii[g, 0] / tile_size, radii[g, 1] / tile_size
             rects[g, 0] = _clamp_int(np.floor(tx - rx), 0, tiles_w)
             rects[g, 1] = _clamp_int(np.floor(ty - ry), 0, tiles_h)
             rects[g, 2] = _clamp_int(np.ceil(tx + rx), 0, tiles_w)
             rects[g, 3] = _clamp_int(np.ceil(ty + ry), 0, tiles_h)
+            ts = int(tile_size)
+            for axis in range(2):  # trim to the tiles the ellipse's pixel span reaches: it draws nowhere else
+                p0, p1 = _span(recs[g], axis, 0, (tiles_w if axis == 0 else tiles_h) * ts)
+                if p1 <= p0:
+                    rects[g, 0] = rects[g, 1] = rects[g, 2] = rects[g, 3] = 0
+                    break
+                rects[g, axis] = max(rects[g, axis], p0 // ts)
+                rects[g, axis + 2] = min(rects[g, axis + 2], (p1 - 1) // ts + 1)
     return recs, rects
 
 
