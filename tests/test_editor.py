@@ -326,6 +326,35 @@ def test_cached_rest_renders_exactly_as_a_full_render(backend, opaque):
     assert rgb64.dtype == torch.float64 and torch.allclose(rgb64.float(), full[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_cached_rest_edge_cases_render_as_a_full_render(backend):
+    """A float32 needle in the rest whose rounded conic draws past its radii (its layer box must come
+    from the ellipse the kernels draw, not the radii), and a view where the whole rest is culled."""
+    from gendistill.core.cameras import Cameras
+    from gendistill.core.render.sh import SH_C0
+
+    f, dt = 200.0, torch.float32
+    cams = Cameras(torch.eye(4, dtype=dt)[None], torch.tensor([[[f, 0, 32.0], [0, f, 32.0], [0, 0, 1]]], dtype=dt),
+                   64, 64)
+    one = lambda mean, quat, scale, opacity, rgb: {  # noqa: E731
+        "means": torch.tensor([mean], dtype=dt), "quats": torch.tensor([quat], dtype=dt),
+        "scales": torch.tensor([scale], dtype=dt), "opacities": torch.tensor([opacity], dtype=dt),
+        "sh": (torch.tensor([[rgb]], dtype=dt) - 0.5) / SH_C0}
+    needle = one([-60.735, -26.4, 5.0], [math.cos(0.2), 0, 0, math.sin(0.2)], [20.0, 1e-5, 1e-5], 0.9, [0, 1, 0])
+    behind = one([0.0, 0.0, -3.0], [1, 0, 0, 0], [0.1, 0.1, 0.1], 0.8, [0, 1, 0])
+    part = one([15.5 / f * 8, -22.5 / f * 8, 8.0], [1, 0, 0, 0], [1e-3, 1e-3, 1e-3], 0.05, [1, 0, 0])
+    part = {k: v.requires_grad_(True) for k, v in part.items()}
+    bg = torch.tensor([0.0, 0.0, 1.0])
+    for rest in (needle, behind):
+        whole = render_part(rest, part, cams, sh_degree=0, background=bg, backend=backend)
+        cache = part_render.RestCache()
+        for _ in range(2):  # fills the cache, then uses it
+            cached = render_part(rest, part, cams, sh_degree=0, background=bg, backend=backend, rest_cache=cache)
+        assert len(cache.entries) == 1
+        assert torch.allclose(cached[0], whole[0], atol=1e-6) and torch.allclose(cached[1], whole[1], atol=1e-6)
+    assert (whole[1] > 0).any()
+
+
 @pytest.mark.cuda
 def test_cached_torch_render_on_cuda_matches_gsplat():
     # on a GPU the editor renders with gsplat; without it, with the cached torch path: they must agree

@@ -69,15 +69,17 @@ def _missing(cams: Cameras, cache: RestCache) -> tuple[list, dict, list[int]]:
 
 
 @torch.no_grad()
-def _rest_alone(g: dict[str, Tensor], composite, width: int, height: int, background: Tensor) -> tuple[Tensor, Tensor]:
+def _rest_alone(g: dict[str, Tensor], composite, width: int, height: int, background: Tensor,
+                votes_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The render [C,H,W,4] of projected Gaussians `g` ([C, n, ...] as `project_features`, colors with
-    the zero coverage channel) over background [4], and which of them show ([C, n] bool). A Gaussian
-    that neither composites into nor ends a pixel of the rest alone does neither with the part in
-    front or behind (the part only lowers T): it never shows in that view."""
+    the zero coverage channel) over background [4], and which of them show ([C, n] bool), decided in
+    `votes_dtype` (the precision `composite` decides in). A Gaussian that neither composites into nor
+    ends a pixel of the rest alone does neither with the part in front or behind (the part only
+    lowers T): it never shows in that view."""
     image, _ = composite(g["means2d"], g["conics"], g["colors"], g["opacities"], g["depths"], g["radii"], width,
                          height, background.expand(len(g["radii"]), 4).contiguous(), TILE)
-    counts, ends, _ = pixel_votes(g["means2d"], g["conics"], g["opacities"], g["depths"], g["radii"], width, height,
-                                  tile_size=TILE)
+    counts, ends, _ = pixel_votes(*(g[k].to(votes_dtype) for k in ("means2d", "conics", "opacities", "depths")),
+                                  g["radii"], width, height, tile_size=TILE)
     return image, (counts + ends) > 0
 
 
@@ -107,7 +109,7 @@ def _rest_layers(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: 
     if missing:
         sub = cams[missing]
         g = _project(rest, sub, sh_degree, backend, 0.0)
-        image, shows = _rest_alone(g, rasterize_to_pixels_cpu, sub.width, sub.height, background)
+        image, shows = _rest_alone(g, rasterize_to_pixels_cpu, sub.width, sub.height, background, torch.float64)
         for j, i in enumerate(missing):
             layers[i] = frozen_layer(*(g[k][j] for k in ("means2d", "conics", "colors", "opacities", "depths",
                                                          "radii")), image=image[j], keep=shows[j], tile_size=TILE)
@@ -127,7 +129,7 @@ def _rest_views(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: R
         g["boxes"] = pixel_boxes(g["means2d"], g["radii"], sub.width, sub.height).int()
         per_view = sum(v[0].numel() * v.element_size() for v in g.values()) + sub.height * sub.width * 4 * 8
         if cache.fits(per_view * len(missing)):
-            g["image"], shows = _rest_alone(g, composite, sub.width, sub.height, background)
+            g["image"], shows = _rest_alone(g, composite, sub.width, sub.height, background, g["means2d"].dtype)
             g["boxes"] = g["boxes"] * shows[..., None]
         for j, i in enumerate(missing):
             entries[i] = {k: v[j] for k, v in g.items()}

@@ -2,18 +2,17 @@
 
 A part editor renders the same frozen rest of a scene from a few fixed views, step after step, with a
 small set of Gaussians that changes. `frozen_layer` prepares one view of the rest once: its kernel
-records sorted front to back, its tile and pixel boxes and its render alone. `composite_with_layers`
-then composites the set with one layer per camera, exactly as `rasterize_to_pixels_cpu` composites
-the two concatenated (layer first, so depth ties go to the layer), but only at the pixels the set
-can reach (the boxes of the kernels' own row and column spans of its ellipses) and with only the
-layer Gaussians whose boxes reach those pixels: the layer rows need no sorting, packing or
-gradients, and every other pixel is the layer's render alone. Same kernels, same float64
-arithmetic, so the same result.
+records sorted front to back, their tile boxes, the pixel boxes where each can draw and its render
+alone. `composite_with_layers` then composites the set with one layer per camera, exactly as
+`rasterize_to_pixels_cpu` composites the two concatenated (layer first, so depth ties go to the
+layer), but only at the pixels the set can draw into and with only the layer Gaussians that can draw
+into those pixels (both from the boxes of the kernels' own row and column spans of the ellipses):
+the layer rows need no sorting, packing or gradients, and every other pixel is the layer's render
+alone. Same kernels, same float64 arithmetic, so the same result.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numba
@@ -22,7 +21,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .cpu_backend import _assign, _backward, _clamp_int, _depth_order, _f64, _forward, _np, _prepare, _span
+from .cpu_backend import _assign, _backward, _depth_order, _f64, _forward, _np, _prepare, _span
 
 __all__ = ["FrozenLayer", "frozen_layer", "composite_with_layers"]
 
@@ -35,7 +34,7 @@ class FrozenLayer:
     colors: np.ndarray  # [R, D] float64
     depths: np.ndarray  # [R] sort keys, in the dtype of the set's depths
     tiles: np.ndarray  # [R, 4] int32 tile boxes
-    boxes: np.ndarray  # [R, 4] int32 pixel boxes
+    boxes: np.ndarray  # [R, 4] int32 pixel boxes where each row can draw (`_draw_boxes`)
     image: np.ndarray  # [H, W, D] float64: the layer alone over the background
 
     @property
@@ -47,40 +46,34 @@ class FrozenLayer:
 
 
 @njit(cache=True)
-def _pixel_boxes(means2d, radii, width, height):
-    """[M, 4] int32 pixel boxes (x0, y0, x1, y1), exclusive ends, of [M, 2] means2d and radii: the
-    radii box grown by one pixel, which holds every pixel where a Gaussian with opacity <= 1 can
-    composite (alpha >= 1/255 lies within the radii box); empty where a radius is <= 0."""
-    boxes = np.zeros((means2d.shape[0], 4), np.int32)
-    for g in range(means2d.shape[0]):
-        if radii[g, 0] > 0 and radii[g, 1] > 0:
-            x, y = np.float64(means2d[g, 0]), np.float64(means2d[g, 1])
-            rx, ry = radii[g, 0] + 1.0, radii[g, 1] + 1.0
-            boxes[g, 0] = _clamp_int(math.floor(x - rx), 0, width)
-            boxes[g, 1] = _clamp_int(math.floor(y - ry), 0, height)
-            boxes[g, 2] = _clamp_int(math.ceil(x + rx), 0, width)
-            boxes[g, 3] = _clamp_int(math.ceil(y + ry), 0, height)
+def _draw_boxes(recs, tiles, tile_size, width, height):
+    """[M, 4] int32 pixel boxes (x0, y0, x1, y1), exclusive ends, of the kernels' [M, _NP] records and
+    [M, 4] tile boxes: the pixels inside the tile box and the ellipse's row and column `_span`s, which
+    hold every pixel where the exact test can pass (with margins); empty where a row draws nothing."""
+    boxes = np.zeros((recs.shape[0], 4), np.int32)
+    for r in range(recs.shape[0]):
+        if recs[r, 6] < 0.0 or tiles[r, 2] <= tiles[r, 0] or tiles[r, 3] <= tiles[r, 1]:
+            continue
+        i0, i1 = _span(recs[r], 1, tiles[r, 1] * tile_size, min(tiles[r, 3] * tile_size, height))
+        j0, j1 = _span(recs[r], 0, tiles[r, 0] * tile_size, min(tiles[r, 2] * tile_size, width))
+        if i1 > i0 and j1 > j0:
+            boxes[r, 0], boxes[r, 1], boxes[r, 2], boxes[r, 3] = j0, i0, j1, i1
     return boxes
 
 
 @njit(cache=True)
-def _reach(recs, tiles, n_cams, tile_size, width, height):
-    """[C, H, W] bool: the pixels where the kernels can draw a fragment of one of the [C*N] rows
-    (camera c's are c*N...): inside its tile box and the box of its ellipse's `_span`s, which holds
-    every pixel the exact test can pass (with margins)."""
-    n = recs.shape[0] // max(n_cams, 1)
+def _cover(boxes, height, width):
+    """[C, H, W] bool: the pixels inside at least one of the [C, M, 4] pixel boxes."""
+    n_cams = boxes.shape[0]
     diff = np.zeros((n_cams, height + 1, width + 1), np.int32)
-    for r in range(recs.shape[0]):
-        rec, c = recs[r], r // n
-        if rec[6] < 0.0 or tiles[r, 2] <= tiles[r, 0] or tiles[r, 3] <= tiles[r, 1]:
-            continue
-        i0, i1 = _span(rec, 1, tiles[r, 1] * tile_size, min(tiles[r, 3] * tile_size, height))
-        j0, j1 = _span(rec, 0, tiles[r, 0] * tile_size, min(tiles[r, 2] * tile_size, width))
-        if i1 > i0 and j1 > j0:
-            diff[c, i0, j0] += 1
-            diff[c, i0, j1] -= 1
-            diff[c, i1, j0] -= 1
-            diff[c, i1, j1] += 1
+    for c in range(n_cams):
+        for g in range(boxes.shape[1]):
+            x0, y0, x1, y1 = boxes[c, g, 0], boxes[c, g, 1], boxes[c, g, 2], boxes[c, g, 3]
+            if x1 > x0 and y1 > y0:
+                diff[c, y0, x0] += 1
+                diff[c, y0, x1] -= 1
+                diff[c, y1, x0] -= 1
+                diff[c, y1, x1] += 1
     hot = np.empty((n_cams, height, width), np.bool_)
     for c in range(n_cams):
         for i in range(height + 1):
@@ -162,8 +155,8 @@ def _merge_bin(l_tiles, l_depths, picked, s_tiles, s_depths, s_order, tiles_w, n
 @torch.no_grad()
 def frozen_layer(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
                  image: Tensor, keep: Tensor | None = None, tile_size: int = 16) -> FrozenLayer:
-    """One camera's projected Gaussians (means2d [N,2], conics [N,3], colors [N,D], opacities [N] at
-    most 1, depths [N], radii [N,2] as a projection gives them, without the camera axis) as a layer.
+    """One camera's projected Gaussians (means2d [N,2], conics [N,3], colors [N,D], opacities [N],
+    depths [N], radii [N,2]: a projection's outputs without the camera axis) as a layer.
     image: [H, W, D] their render alone (with the background the composite will use). keep: [N] bool
     or None (all): Gaussians to keep (drop only those that neither composite into nor end any pixel
     of `image`: such a Gaussian does neither with more Gaussians in front or behind)."""
@@ -171,11 +164,11 @@ def frozen_layer(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Ten
     rows = (radii > 0).all(-1) if keep is None else keep & (radii > 0).all(-1)
     idx = rows.nonzero()[:, 0].numpy()
     idx = idx[_depth_order(_np(depths)[idx][None])[0]]
-    xy, rad = _np(means2d)[idx], radii.cpu().numpy()[idx]
-    recs, tiles = _prepare(xy, _np(conics)[idx], _np(opacities)[idx], rad.astype(xy.dtype),
+    xy = _np(means2d)[idx]
+    recs, tiles = _prepare(xy, _np(conics)[idx], _np(opacities)[idx], radii.cpu().numpy()[idx].astype(xy.dtype),
                            xy.dtype.type(tile_size), -(-width // tile_size), -(-height // tile_size))
-    return FrozenLayer(recs, _f64(colors)[idx], _np(depths)[idx], tiles, _pixel_boxes(xy, rad, width, height),
-                       _f64(image))
+    boxes = _draw_boxes(recs, tiles, tile_size, width, height)
+    return FrozenLayer(recs, _f64(colors)[idx], _np(depths)[idx], tiles, boxes, _f64(image))
 
 
 class _CompositeWithLayers(torch.autograd.Function):
@@ -194,7 +187,7 @@ class _CompositeWithLayers(torch.autograd.Function):
         s_cols = _f64(colors).reshape(-1, dim)
         s_depths = _np(depths)
         order = _depth_order(s_depths)
-        hot = _reach(s_recs, s_tiles, n_cams, tile_size, width, height)
+        hot = _cover(_draw_boxes(s_recs, s_tiles, tile_size, width, height).reshape(n_cams, n, 4), height, width)
         bgs = _f64(backgrounds).reshape(n_cams, dim)
         render = np.empty((n_cams, height, width, dim))
         trans = np.empty((n_cams, height, width))

@@ -155,18 +155,20 @@ def _backward(means, quats, scales, views, ks, width, height, eps2d, radii, v_me
         v_cov_c, v_sig, v_sigma, v_m, v_jac = (np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3)),
                                                np.empty((2, 3)))
         w = np.empty((3, 3))
+        used = np.empty(n_cams, np.bool_)
         for g in range(ch * n // n_chunks, (ch + 1) * n // n_chunks):
-            started = False
             for c in range(n_cams):
-                if radii[c, g, 0] <= 0 and radii[c, g, 1] <= 0:
+                used[c] = (radii[c, g, 0] > 0 or radii[c, g, 1] > 0) and not (
+                    v_means2d[c, g, 0] == 0.0 and v_means2d[c, g, 1] == 0.0 and v_depths[c, g] == 0.0
+                    and v_conics[c, g, 0] == 0.0 and v_conics[c, g, 1] == 0.0 and v_conics[c, g, 2] == 0.0)
+            if not used.any():
+                continue  # culled or without gradient in every camera: adds nothing
+            # (no value set under a condition is read later: numba's parfors got such values wrong)
+            qw, qx, qy, qz, qn = _gaussian(quats, scales, g, rq, m, sig)
+            v_sigma[:] = 0.0
+            for c in range(n_cams):
+                if not used[c]:
                     continue
-                if (v_means2d[c, g, 0] == 0.0 and v_means2d[c, g, 1] == 0.0 and v_depths[c, g] == 0.0
-                        and v_conics[c, g, 0] == 0.0 and v_conics[c, g, 1] == 0.0 and v_conics[c, g, 2] == 0.0):
-                    continue
-                if not started:
-                    qw, qx, qy, qz, qn = _gaussian(quats, scales, g, rq, m, sig)
-                    v_sigma[:] = 0.0
-                    started = True
                 x, y, z, tx, ty, clamp_x, clamp_y = _camera(means, views, ks, g, c, width, height, sig, w, cov_c,
                                                             jac, tmp23, tmp33, cov2d)
                 fx, fy = ks[c, 0, 0], ks[c, 1, 1]
@@ -207,8 +209,6 @@ def _backward(means, quats, scales, views, ks, width, height, eps2d, radii, v_me
                     v_y += v_ty
                 for j in range(3):
                     v_means[g, j] += w[0, j] * v_x + w[1, j] * v_y + w[2, j] * v_z
-            if not started:
-                continue
             # sig = m m^T, summed over the cameras: v_m = 2 v_sigma m (v_sigma symmetric)
             _mm(v_sigma, m, v_m)
             for j in range(3):

@@ -389,7 +389,7 @@ def pixel_votes(
     offs = torch.arange(tile_size, device=device)
     last = max(flat_ids.numel() - 1, 0)
     busy = torch.nonzero(offsets[1:] > offsets[:-1]).squeeze(-1)
-    for tiles in busy.split(max(1, PIXEL_BUDGET // (n_pix * BLOCK))):
+    for tiles in busy.split(max(1, PIXEL_BUDGET // (n_pix * BLOCK))) if busy.numel() else ():
         start, stop = offsets[tiles], offsets[tiles + 1]
         local = tiles % (tiles_x * tiles_y)
         corner = torch.stack([local % tiles_x, torch.div(local, tiles_x, rounding_mode="floor")], -1) * tile_size
