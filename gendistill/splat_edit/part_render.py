@@ -106,14 +106,12 @@ def _rest_layers(rest: dict[str, Tensor], cams: Cameras, sh_degree: int, cache: 
     keys, layers, missing = _missing(cams, cache)
     if missing and not cache.fits(_view_bytes(rest, cams) * len(missing)):
         return None
-    if missing:
-        sub = cams[missing]
-        g = _project(rest, sub, sh_degree, backend, 0.0)
-        image, shows = _rest_alone(g, rasterize_to_pixels_cpu, sub.width, sub.height, background, torch.float64)
-        for j, i in enumerate(missing):
-            layers[i] = frozen_layer(*(g[k][j] for k in ("means2d", "conics", "colors", "opacities", "depths",
-                                                         "radii")), image=image[j], keep=shows[j], tile_size=TILE)
-            cache.add(keys[i], layers[i], layers[i].nbytes)
+    for i in missing:  # one view at a time: the float64 votes of a whole ring at once take ~10x the memory
+        g = _project(rest, cams[[i]], sh_degree, backend, 0.0)
+        image, shows = _rest_alone(g, rasterize_to_pixels_cpu, cams.width, cams.height, background, torch.float64)
+        layers[i] = frozen_layer(*(g[k][0] for k in ("means2d", "conics", "colors", "opacities", "depths", "radii")),
+                                 image=image[0], keep=shows[0], tile_size=TILE)
+        cache.add(keys[i], layers[i], layers[i].nbytes)
     return [layers[i] for i in range(len(cams))]
 
 
