@@ -58,13 +58,15 @@ def test_matches_compositing_the_concatenation(seed, opaque):
         return r
 
     layers = layers_of(layer)
-    ours = weighted_grads(lambda m, c, col, o: composite_with_layers(m, c, col, o, set_[4], set_[5], layers, bg, TILE),
-                          set_)
-    ref = weighted_grads(full, set_)
-    assert (ours[0] - ref[0]).abs().max() < 1e-12
-    for name, go, gr in zip(["means2d", "conics", "colors", "opacities"], ours[1], ref[1]):
-        assert gr.abs().max() > 0, name
-        assert (go - gr).abs().max() <= 1e-12 * gr.abs().max(), name
+    for depths in (set_[4], set_[4], set_[4].flip(1)):  # a layer keeps the set's last order as a hint: the
+        set_ = (*set_[:4], depths, *set_[5:])  # same depths reuse it, new ones must not
+        ours = weighted_grads(lambda m, c, col, o: composite_with_layers(m, c, col, o, set_[4], set_[5], layers, bg,
+                                                                         TILE), set_)
+        ref = weighted_grads(full, set_)
+        assert (ours[0] - ref[0]).abs().max() < 1e-12
+        for name, go, gr in zip(["means2d", "conics", "colors", "opacities"], ours[1], ref[1]):
+            assert gr.abs().max() > 0, name
+            assert (go - gr).abs().max() <= 1e-12 * gr.abs().max(), name
     # the part of the image the set cannot reach is the layer alone
     alone = torch.stack([torch.from_numpy(lay.image) for lay in layers])
     assert 0 < (ours[0] == alone).all(-1).float().mean() < 1

@@ -13,7 +13,7 @@ alone. Same kernels, same float64 arithmetic, so the same result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -36,6 +36,7 @@ class FrozenLayer:
     tiles: np.ndarray  # [R, 4] int32 tile boxes
     boxes: np.ndarray  # [R, 4] int32 pixel boxes where each row can draw (`_draw_boxes`)
     image: np.ndarray  # [H, W, D] float64: the layer alone over the background
+    set_order: dict = field(default_factory=dict, compare=False)  # N -> last depth order of an N-row set here
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +88,16 @@ def _cover(boxes, height, width):
                 if i < height and j < width:
                     hot[c, i, j] = diff[c, i, j] > 0
     return hot
+
+
+@njit(cache=True)
+def _is_order(depths, order):
+    """Whether `order` lists `depths` front to back with ties by index (is their stable argsort)."""
+    for i in range(1, order.shape[0]):
+        a, b = depths[order[i - 1]], depths[order[i]]
+        if not (a < b or (a == b and order[i - 1] < order[i])):
+            return False
+    return True
 
 
 @njit(cache=True)
@@ -186,7 +197,12 @@ class _CompositeWithLayers(torch.autograd.Function):
                                    rad.reshape(-1, 2).astype(xy.dtype), xy.dtype.type(tile_size), tiles_w, tiles_h)
         s_cols = _f64(colors).reshape(-1, dim)
         s_depths = _np(depths)
-        order = _depth_order(s_depths)
+        order = np.empty((n_cams, n), np.int64)
+        for c, lay in enumerate(layers):  # a set that stays put keeps its order in a view: check it, O(N)
+            hint = lay.set_order.get(n)
+            if hint is None or not _is_order(s_depths[c], hint):
+                hint = lay.set_order[n] = _depth_order(s_depths[c:c + 1])[0]
+            order[c] = hint
         hot = _cover(_draw_boxes(s_recs, s_tiles, tile_size, width, height).reshape(n_cams, n, 4), height, width)
         bgs = _f64(backgrounds).reshape(n_cams, dim)
         render = np.empty((n_cams, height, width, dim))
