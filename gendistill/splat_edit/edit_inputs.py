@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gendistill.core.architectures import arch_folder, is_random
 from gendistill.core.cameras import Cameras, load_cameras, orbit_path
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit.edit_config import EditConfig, GuidanceConfig
@@ -37,7 +38,14 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def _check_model(model: str, tiny: str | None, key: str) -> None:
-    """A local folder must exist (unless `tiny` will write it); a hub id must be cached when offline."""
+    """A local folder must exist (unless `tiny` will write it); a hub id must be cached when offline;
+    a `random:` source needs its architecture configs."""
+    if is_random(model):
+        try:
+            arch_folder(model)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{key}: {err}") from None
+        return
     path = Path(os.path.expanduser(str(model)))
     if path.exists():
         if path.is_dir() and not (path / "model_index.json").is_file() and key == "guidance.model":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from gendistill.core.architectures import is_random, random_model
 from gendistill.registry import Registry
 from gendistill.video_distill.videomaev2 import VIDEOMAEV2_HELP, adapt_videomae_input, load_videomaev2
 
@@ -98,6 +99,8 @@ def _offline_help(name: str, source: str) -> str:
 
 
 def _hf_from_pretrained(model_cls, name: str, source, *, dtype=None, **kwargs):
+    if is_random(source):
+        return random_model(model_cls, source, dtype=dtype)
     if dtype is not None:
         kwargs["dtype"] = dtype
     source = str(Path(source).expanduser()) if _looks_like_path(str(source)) else str(source)

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from gendistill.config import to_yaml
 from gendistill.core.align import GridAligner, Projector, grid_to_tokens, repa_loss, trd_loss
 from gendistill.core.align.hooks import capture_block
+from gendistill.core.architectures import is_random, random_model, standin_tokenizer
 from gendistill.core.io import atomic_path
 from gendistill.core.media import write_video
 
@@ -288,8 +289,13 @@ def _looks_local(source: str) -> bool:
     return os.path.isabs(s) or s.startswith((".", "~")) or s.count("/") != 1 or os.path.exists(s)
 
 
-def _load(cls, source: str, what: str, **kwargs):
-    """`cls.from_pretrained(source, **kwargs)` with a clear error for a missing folder or an offline hub id."""
+def _load(cls, source: str, what: str, device=None, **kwargs):
+    """`cls.from_pretrained(source, **kwargs)` with a clear error for a missing folder or an offline hub id;
+    a `random:` source is built from its architecture config with random weights on `device`."""
+    if is_random(source):
+        if what == "tokenizer":
+            return standin_tokenizer(source, kwargs.get("subfolder"))
+        return random_model(cls, source, subfolder=kwargs.get("subfolder"), dtype=kwargs.get("dtype"), device=device)
     if _looks_local(source) and not Path(source).expanduser().exists():
         raise FileNotFoundError(f"model folder {source} does not exist (model.pretrained must be a hub id like "
                                 "THUDM/CogVideoX-2b or a local folder written by CogVideoXPipeline.save_pretrained)")
@@ -371,10 +377,10 @@ class VideoREPATrainer:
         kw = {"revision": cfg.model.revision} if cfg.model.revision else {}
         vkw = dict(kw, **({"variant": cfg.model.variant} if cfg.model.variant else {}))
         self.tokenizer = _load(AutoTokenizer, src, "tokenizer", subfolder="tokenizer", **kw)
-        self.text_encoder = _load(T5EncoderModel, src, "text encoder", subfolder="text_encoder", dtype=wd, **vkw)
-        self.vae = _load(AutoencoderKLCogVideoX, src, "VAE", subfolder="vae", dtype=wd, **vkw)
+        self.text_encoder = _load(T5EncoderModel, src, "text encoder", dev, subfolder="text_encoder", dtype=wd, **vkw)
+        self.vae = _load(AutoencoderKLCogVideoX, src, "VAE", dev, subfolder="vae", dtype=wd, **vkw)
         train_dtype = wd if cfg.training_type == "lora" else torch.float32  # LoRA: frozen base in low precision
-        self.transformer = _load(CogVideoXTransformer3DModel, src, "transformer", subfolder="transformer",
+        self.transformer = _load(CogVideoXTransformer3DModel, src, "transformer", dev, subfolder="transformer",
                                  dtype=train_dtype, **vkw)
         self.scheduler = _load(CogVideoXDPMScheduler, src, "scheduler", subfolder="scheduler", **kw)
         if self.scheduler.config.prediction_type != "v_prediction":

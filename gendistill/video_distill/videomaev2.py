@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from gendistill.core.architectures import is_random, random_model
+
 __all__ = [
     "sinusoid_pos_table",
     "resize_pos_embed",
@@ -237,6 +239,8 @@ def load_videomaev2(path: str | os.PathLike, *, num_heads: int | None = None, nu
     """
     from transformers import VideoMAEModel
 
+    if is_random(path):  # architecture config only (configs/models), random weights
+        return random_model(VideoMAEModel, path, dtype=dtype)
     path = Path(path).expanduser()
     if path.is_dir():
         return VideoMAEModel.from_pretrained(path, **({} if dtype is None else {"dtype": dtype})).eval()

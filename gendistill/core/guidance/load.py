@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from gendistill.core.architectures import is_random, random_pipeline
 from gendistill.core.guidance.base import GUIDANCE, Guidance, check_cfg
 from gendistill.core.guidance.ip2p import IP2PGuidance  # noqa: F401  (registers "ip2p")
 from gendistill.core.guidance.rfds import RFDSGuidance, is_flow_matching  # noqa: F401
@@ -72,7 +73,9 @@ def load_pipeline(
     """A diffusers pipeline from a hub id, a local folder (works with HF_HUB_OFFLINE=1) or as given.
 
     Args:
-        model: hub id, local folder, or a `DiffusionPipeline` (used as is; moved when asked).
+        model: hub id, local folder, or a `DiffusionPipeline` (used as is; moved when asked);
+            `random:<hub id>` builds it from `configs/models/` with random weights
+            (`gendistill.core.architectures`).
         dtype: torch_dtype for loading ("float16", torch.float16, ...); a given pipeline is cast.
         device: where to run; default: the given pipeline's device, else "cuda" when available.
         cpu_offload: None, "model" (`enable_model_cpu_offload`) or "sequential".
@@ -90,6 +93,11 @@ def load_pipeline(
         pipe = model
         if dtype is not None:
             pipe.to(dtype=dtype)
+    elif is_random(model):  # full size, random weights, built where it will run
+        if device is None and cpu_offload is None and torch.cuda.is_available():
+            device = "cuda"
+        pipe = random_pipeline(model, dtype=dtype, device=device if cpu_offload is None else None,
+                               **pipeline_kwargs)
     elif isinstance(model, (str, os.PathLike)):
         kwargs = dict(pipeline_kwargs)
         try:
