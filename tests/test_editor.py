@@ -208,8 +208,8 @@ def test_bad_input_fails_before_long_work(models, tmp_path, monkeypatch, capsys,
 
 def test_configs_load():
     req = ["scene=s.ply", "part=hat", "edit_prompt=x", "out=o"]
-    expect = {"romap_sd3": ("rfds", 100.0, [0.3, 0.98]), "sds_sd21": ("sds", 100.0, [0.02, 0.98]),
-              "ip2p": ("ip2p", 7.5, [0.02, 0.98]), "tiny_cpu": ("rfds", 100.0, [0.3, 0.98])}
+    expect = {"romap_sd3": ("rfds", 100.0, [0.019, 0.699]), "sds_sd21": ("sds", 100.0, [0.02, 0.98]),
+              "ip2p": ("ip2p", 7.5, [0.02, 0.98]), "tiny_cpu": ("rfds", 100.0, [0.019, 0.699])}
     for name, (kind, scale, t_range) in expect.items():
         cfg = load_edit_config(ROOT / "configs" / "splat_edit" / f"{name}.yaml", req)
         assert (cfg.guidance.kind, cfg.guidance.guidance_scale, cfg.guidance.t_range) == (kind, scale, t_range)

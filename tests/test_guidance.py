@@ -333,3 +333,35 @@ def test_bad_inputs_have_clear_errors(sd, sd3):
         guidance.loss(good, PROMPT, noise=torch.zeros(1, 4, 8, 8))
     with pytest.raises(ValueError, match="unknown t_anneal"):
         load_guidance(sd, t_anneal="cosine")
+
+
+def test_romap_config_gives_the_released_noise_range(sd3):
+    """romap_sd3.yaml's t_range reaches the transformer as RoMaP's sigmas: indices 300..980 (its
+    [0.3, 0.98]) into the descending timesteps of SD3's scheduler (shift 3), no more, no less."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from omegaconf import OmegaConf
+
+    from pathlib import Path
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "splat_edit" / "romap_sd3.yaml")
+    official = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3-medium's scheduler
+    released = official.sigmas[300:981]  # the sigmas of timesteps[300..980], descending
+    assert released.max() == pytest.approx(0.875, abs=1e-3) and released.min() == pytest.approx(0.058, abs=1e-3)
+
+    pipe = type(sd3)(**{**sd3.components, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)})
+    guidance = load_guidance(pipe, kind="rfds", guidance_scale=100.0, weighting="uniform",
+                             t_range=tuple(config.guidance.t_range))
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].float() / 1000), with_kwargs=True)
+    try:
+        latents = torch.randn(64, 4, 8, 8, requires_grad=True)
+        guidance.loss(latents=latents, prompt=PROMPT, generator=torch.Generator().manual_seed(0)).backward()
+    finally:
+        hook.remove()
+    sigmas = torch.cat(seen)
+    assert sigmas.min() >= released.min() - 1e-6 and sigmas.max() <= released.max() + 1e-6
+    assert sigmas.max() > 0.6 and sigmas.min() < 0.3  # the draws span the range
+    lo, hi = t_bounds(tuple(config.guidance.t_range), 1000)
+    ours = guidance.sigmas[lo:hi + 1].flip(0)
+    torch.testing.assert_close(ours, released.float())  # the same 681 noise levels, ends included

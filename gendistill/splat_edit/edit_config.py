@@ -89,6 +89,9 @@ class GuidanceConfig:
     model: hub id or local folder. tiny: "sd", "sd3" or "ip2p" writes the tiny test pipeline of
     that kind to `model` (a folder) when it is missing, then loads it with from_pretrained as a
     real model (tests and quick CPU trials only).
+    t_range: (lo, hi) fractions of the training noise schedule, ascending in noise for every kind
+    (see `gendistill.core.guidance.schedule`). model may also be `random:<hub id>` (full size,
+    random weights: `gendistill.core.architectures`).
     kind: "auto", "sds", "rfds" or "ip2p". sds_normalize: divide the SDS loss by the number of latent
     elements (the per-element mean of RoMaP's `F.mse_loss` form; ours), so lambda_anchor keeps one
     meaning across models and resolutions.

@@ -1,9 +1,12 @@
 """Rectified-flow score distillation for flow-matching transformers (SD3 / SD3.5), RoMaP's form.
 
 Timesteps t are integers in [0, N) as for SDS, ascending in noise: sigma(t) = `flow_sigmas(config)[t]`
-(the scheduler's training noise levels, shift applied; t = N-1 is sigma = 1) and the transformer
-gets timestep sigma N, as RoMaP does (it draws indices into the descending `scheduler.timesteps`;
-the default range is symmetric, so the distribution is the same). With sigma = sigma(t), x0 the latents and
+(the scheduler's training noise levels, shift applied; t = N-1 is sigma = 1), and the transformer
+gets timestep sigma N, as RoMaP does. `t_range` uses the one convention of every guidance kind
+(`schedule.py`): fractions of the noise schedule, larger is noisier. RoMaP's `min/max_step_percent`
+instead index SD3's *descending* `scheduler.timesteps` (index i is our t = N-1-i), so its released
+[0.3, 0.98] is our (0.019, 0.699): sigma in [0.058, 0.875] with shift 3 (`configs/splat_edit/romap_sd3.yaml`).
+With sigma = sigma(t), x0 the latents and
 eps the noise; the transformer predicts the velocity v = d x / d sigma (= eps - x0 on the path):
 
     x_t  = sigma eps + (1 - sigma) x0
@@ -18,7 +21,7 @@ This is the direction of RoMaP's released `compute_grad_romap` + `F.mse_loss(noi
 model_pred)`: its gradient with respect to the latents is 2 (v_hat - (eps' - x0)) / (B C h w) / B,
 i.e. ours with weighting="uniform" times the constant 2 / (B C h w) that the learning rate absorbs.
 RoMaP computes a random logit-normal weight and does not use it; RoMaP's setting is
-weighting="uniform", guidance_scale=7.5, t_range=(0.02, 0.98). The weightings "sds" and
+weighting="uniform", guidance_scale=100 (its config; 7.5 is the class default), t_range=(0.019, 0.699). The weightings "sds" and
 "fantasia3d" use the alpha_bar with the same signal-to-noise ratio, (1-sigma)^2 / ((1-sigma)^2 + sigma^2).
 `refine_noise=False` skips the refinement (plain RFDS, eps' = eps).
 """

@@ -1,8 +1,10 @@
 """Timestep ranges, their annealing, and the SDS weightings w(t).
 
 Timesteps are integers t in [0, N) with N the scheduler's `num_train_timesteps`; larger t is
-noisier. A range (lo, hi) of fractions becomes the integer steps [int(N lo), int(N hi)], both
-ends included, as threestudio's `min_step` / `max_step`.
+noisier, for every guidance kind (for flow matching, sigma(t) ascends with t). A range (lo, hi) of
+fractions becomes the integer steps [int(N lo), int(N hi)], both ends included, as threestudio's
+`min_step` / `max_step`. Code that indexes a *descending* timestep list (RoMaP's SD3 guidance) means
+index i = t N-1-i: its range (a, b) is (1 - (int(N b) + 1) / N, 1 - (int(N a) + 1) / N) here.
 """
 
 from __future__ import annotations
