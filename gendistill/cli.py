@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gendistill.plan import add_plan_parser, run_plan
 from gendistill.splat_edit.edit_cli import add_edit_parser
 from gendistill.splat_edit.segment import add_parser as add_segment_parser
 from gendistill.video_distill.cli import add_finetune_parser, add_generate_parser
@@ -56,11 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_segment_parser(sub)
     add_edit_parser(sub)
+    add_plan_parser(sub)
+    for name in ("edit", "finetune"):  # plan this command line instead of running it
+        sub.choices[name].add_argument("--dry-run", action="store_true",
+                                       help="print `gendistill plan` for this command line (full size, no weights, "
+                                            "no GPU) and exit")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "dry_run", False):
+        args.json, args.gpu, args.gpu_memory, args.run = False, None, None, run_plan
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, KeyError) as err:

@@ -63,7 +63,8 @@ def _keep_fp32(model: torch.nn.Module) -> None:
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     for name, module in model.named_modules():
         if keep and any(k in name.split(".") for k in keep):
-            module.to(torch.float32)
+            for pname, param in list(module.named_parameters(recurse=False)):
+                setattr(module, pname, torch.nn.Parameter(param.detach().float(), requires_grad=param.requires_grad))
 
 
 def random_model(cls, source, *, subfolder: str | None = None, dtype: torch.dtype | None = None,
@@ -82,13 +83,22 @@ def random_model(cls, source, *, subfolder: str | None = None, dtype: torch.dtyp
     else:  # diffusers: ModelMixin / SchedulerMixin (ConfigMixin)
         name = "scheduler_config.json" if (folder / "scheduler_config.json").is_file() else "config.json"
         config = _json(folder / name)
-        if not hasattr(cls, "parameters"):  # a scheduler: no weights, no device
-            return cls.from_config(config)
+        if not hasattr(cls, "parameters"):  # a scheduler: no weights, no device; real tensors even under fake ones
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                return cls.from_config(config)
         build = lambda: cls.from_config(config)  # noqa: E731
-    with torch.device(device or "cpu"):
-        model = build()
-    if dtype is not None:
-        torch.nn.Module.to(model, dtype)  # not diffusers' override, which warns about unloaded fp32 modules
+    previous = torch.get_default_dtype()
+    try:  # created in `dtype`, as from_pretrained(torch_dtype=...) does (casting fails under fake tensors)
+        torch.set_default_dtype(dtype or previous)
+        with torch.device(device or "cpu"):
+            model = build()
+    finally:
+        torch.set_default_dtype(previous)
+    if dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        torch.nn.Module.to(model, dtype)  # a config's own torch_dtype won over the default (transformers)
+    if dtype is not None and dtype != torch.float32:
         _keep_fp32(model)
     return model.eval()
 

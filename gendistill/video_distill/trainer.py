@@ -316,7 +316,8 @@ def _dtype(mixed_precision: str) -> torch.dtype:
 class VideoREPATrainer:
     """Holds the models, data, optimizer and accelerator of one finetuning run; `train()` runs it."""
 
-    def __init__(self, cfg: FinetuneConfig):
+    def __init__(self, cfg: FinetuneConfig, *, data: bool = True):
+        """data=False builds models and optimizer only (no clips are read; `gendistill plan`)."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -342,11 +343,12 @@ class VideoREPATrainer:
 
         self._ensure_tiny_models()
         self._load_models()
-        self._build_data()
+        if data:
+            self._build_data()
         self._build_student_and_optimizer()
         acc.register_save_state_pre_hook(self._save_state_hook)
         acc.register_load_state_pre_hook(self._load_state_hook)
-        if cfg.resume_from_checkpoint:
+        if cfg.resume_from_checkpoint and data:
             self._resume(cfg.resume_from_checkpoint)
 
     # -- setup -------------------------------------------------------------------------------------
@@ -493,6 +495,10 @@ class VideoREPATrainer:
         tr = self.transformer
         if cfg.training_type == "lora":
             from peft import LoraConfig as PeftLoraConfig
+
+            width = tr.config.num_attention_heads * tr.config.attention_head_dim
+            if not 1 <= cfg.lora.rank <= width:
+                raise ValueError(f"lora.rank={cfg.lora.rank} must be in [1, {width}] (the transformer's width)")
 
             tr.requires_grad_(False)
             tr.add_adapter(PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -738,8 +744,9 @@ class VideoREPATrainer:
                 loss_align = repa_loss(aligned, teacher.float())
         return {"loss": loss_diff + cfg.align.proj_coeff * loss_align, "diffusion": loss_diff, "align": loss_align}
 
-    def training_step(self, batch: dict) -> dict[str, float]:
-        """One micro-batch: forward, losses, backward; the optimizer steps when accumulation completes."""
+    def step_tensors(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward, losses, backward and (when accumulation completes) the optimizer step of one
+        micro-batch; the losses as tensors (`gendistill plan` runs this under fake tensors)."""
         cfg, acc = self.cfg, self.accelerator
         with acc.accumulate(self.student):
             losses = self.compute_losses(batch)
@@ -749,6 +756,11 @@ class VideoREPATrainer:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    def training_step(self, batch: dict) -> dict[str, float]:
+        """One micro-batch (`step_tensors`), counted; the losses as floats."""
+        losses = self.step_tensors(batch)
         self.position += 1
         self.skipped.update(batch["skipped"])
         return {k: v.item() for k, v in losses.items()}

@@ -34,6 +34,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from einops import rearrange
 
 REDUCTIONS = ("joint", "paper")
@@ -229,7 +230,7 @@ class _ChunkedTRD(torch.autograd.Function):
         grad_s, grad_t = ctx.saved_tensors
         # With grad_out == 1 (loss.backward()) hand the stored tensors over: autograd copies them
         # if the graph is retained and takes them over otherwise, so nothing is mutated.
-        one = bool(grad_out == 1)
+        one = not is_fake(grad_out) and bool(grad_out == 1)  # fake tensors (`gendistill plan`) have no value
         gs = None if grad_s is None else (grad_s if one else grad_s * grad_out)
         gt = None if grad_t is None else (grad_t if one else grad_t * grad_out)
         return gs, gt, None, None, None, None
@@ -303,8 +304,8 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def _check_finite(loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
-    """One scalar check; on failure, name the input holding NaN/inf."""
-    if bool(torch.isfinite(loss)):
+    """One scalar check; on failure, name the input holding NaN/inf (skipped for fake tensors: no values)."""
+    if is_fake(loss) or bool(torch.isfinite(loss)):
         return
     for name, t in (("student", student), ("teacher", teacher)):
         bad = ~torch.isfinite(t.detach())

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from diffusers.utils.torch_utils import randn_tensor
 
 from gendistill.core.guidance.prompts import Embeds, PromptCache, batch_prompts, encoder_for
@@ -190,8 +191,8 @@ class Guidance:
         if images.dim() != 4 or images.shape[1] != 3:
             hint = " (channels last? permute to [B,3,H,W])" if images.dim() == 4 and images.shape[-1] == 3 else ""
             raise ValueError(f"{name} must be [B,3,H,W], got shape {tuple(images.shape)}{hint}")
-        lo, hi = (float(v) for v in torch.aminmax(images.detach()))
-        if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
+        lo, hi = (0.0, 1.0) if is_fake(images) else (float(v) for v in torch.aminmax(images.detach()))
+        if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:  # (fake tensors, in `gendistill plan`, have no values)
             raise ValueError(f"{name} must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
                              " (from [-1, 1] use (x + 1) / 2)")
         images = images.to(self.device)

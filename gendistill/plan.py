@@ -1,0 +1,380 @@
+"""`gendistill plan`: will a config fit on a GPU, and how long will a step take? Answered on a CPU,
+without weights.
+
+Every model of the config is built at full size from its architecture configs (`configs/models/`,
+`random:` sources) under fake tensors (`FakeTensorMode`: shapes and dtypes, no data, no memory),
+and one step runs through the project's own code:
+
+- finetune: `VideoREPATrainer.step_tensors` (VAE and text encoding, teacher, transformer with the
+  hook at `align_layer`, projector, grid aligner, TRD / REPA, backward, clipping, AdamW), with the
+  config's precision, gradient checkpointing, LoRA or full training;
+- edit: the guidance loss of one step (`Guidance.loss`: VAE encoding, every denoiser pass with CFG
+  and refinement, backward through the VAE) on a render-sized image, plus the scene's Gaussians,
+  their gradients and Adam state (the rasterizer's own buffers are not counted).
+
+`MemTracker` splits the peak into parameters, gradients, optimizer state and activations;
+`FlopCounterMode` counts FLOPs, and s/step per GPU is FLOPs / (peak dense bf16 FLOP/s x utilisation)
+plus a fixed cost per step, both calibrated on H200 measurements (`UTILISATION`).
+
+Accuracy against one H200 (random weights, the real commands): edit configs within 10% of the measured
+peak (romap_sd3 18.1 vs 18.2 GiB); the VideoREPA-2B full finetune over-estimates it (64 vs 43 GiB):
+under fake tensors about 20 GiB more activations are counted during the transformer's backward than a
+CUDA step holds. Tiny configs on CPU are checked against real steps within 25% (tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from gendistill.core.architectures import RANDOM_PREFIX, arch_folder, is_random
+
+__all__ = ["GPUS", "UTILISATION", "plan_config", "measure_step", "format_plan", "add_plan_parser", "run_plan"]
+
+# name -> (memory GiB, dense bf16 tensor TFLOP/s from the vendor's datasheet)
+GPUS = {
+    "A100-80GB": (80, 312.0),
+    "H100": (80, 989.0),
+    "H200": (141, 989.0),
+    "L40S": (48, 362.0),
+    "RTX4090": (24, 165.0),
+}
+# s/step = FLOPs / (peak FLOP/s x utilisation) + a fixed cost per step, per kind, calibrated on the H200
+# measurements (tools/measurements/full_size_h200.json): a finetune step of VideoREPA-2B reached 22% of
+# peak (VAE encoding, T5 and the teacher every step included); an edit step at 512x512 costs ~0.06 s
+# outside the diffusion model (rendering, optimizer, Python) whatever the model.
+UTILISATION = {"finetune": (0.22, 0.0), "edit": (0.35, 0.06)}
+
+
+def _random(source: str | None) -> str | None:
+    """A `random:` source for a hub id or folder that has architecture configs."""
+    if source is None or is_random(source):
+        return source
+    arch_folder(source)  # a clear error naming the file to add
+    return RANDOM_PREFIX + str(source)
+
+
+# teachers loaded from a checkpoint file: the architecture of the checkpoint the shipped configs name
+TEACHER_ARCHS = {"videomaev2": "OpenGVLab/VideoMAEv2-Base"}
+
+
+def _teacher_source(teacher) -> str:
+    from gendistill.video_distill.teachers import TEACHERS
+
+    path = teacher.path or getattr(TEACHERS.get_entry(teacher.name), "default_hub_id", None)
+    try:
+        return _random(path)
+    except FileNotFoundError:
+        if teacher.name in TEACHER_ARCHS and path is not None and Path(str(path)).suffix in (".pth", ".pt", ".bin"):
+            return RANDOM_PREFIX + TEACHER_ARCHS[teacher.name]
+        raise
+
+
+def _kind(path: str | Path) -> str:
+    from omegaconf import OmegaConf
+
+    keys = set(OmegaConf.load(path).keys())
+    if "guidance" in keys:
+        return "edit"
+    if keys & {"model", "teacher", "align", "training_type"}:
+        return "finetune"
+    raise ValueError(f"{path}: neither an edit config (no `guidance`) nor a finetune config (no `model`)")
+
+
+def _components(named: dict) -> dict:
+    out = {}
+    for name, module in named.items():
+        if module is None:
+            continue
+        params = list(module.parameters())
+        out[name] = {"params": sum(p.numel() for p in params),
+                     "trainable": sum(p.numel() for p in params if p.requires_grad),
+                     "dtype": str(params[0].dtype).replace("torch.", "") if params else "none"}
+    return out
+
+
+class _fake_mode:
+    """FakeTensorMode as a GPU run would see it, on the CPU:
+
+    - attention without a mask goes through the flash-attention op (what CUDA picks; it keeps only
+      the log-sum-exp for backward), not the CPU math path that materialises every attention matrix;
+    - `module.to(...)` replaces parameters instead of swapping them (PyTorch swaps fake parameters,
+      which fails for tied weights such as T5's embeddings), and is a no-op onto the same device;
+    - `torch.equal` of fake tensors is True (diffusers' prompt encoders use it only to warn about
+      truncated prompts; fake tensors have no values to compare).
+    """
+
+    def __enter__(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.sdpa = sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+            if attn_mask is not None or kwargs.get("enable_gqa") or query.shape[-1] != value.shape[-1]:
+                return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kwargs)
+            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
+                                                                       False, scale=scale)[0]
+
+        torch.nn.functional.scaled_dot_product_attention = flash_sdpa
+        self.to = torch.nn.Module.to
+
+        def fake_to(module, *args, **kwargs):
+            device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+            tensors = [*module.parameters(), *module.buffers()]
+            if dtype is None and (device is None or all(t.device == torch.device(device) for t in tensors)):
+                return module
+            for m in module.modules():  # replace (not swap) each parameter and buffer
+                for k, p in m._parameters.items():
+                    if p is not None:
+                        new = p.detach().to(device=device, dtype=dtype if p.is_floating_point() else None)
+                        m._parameters[k] = torch.nn.Parameter(new, requires_grad=p.requires_grad)
+                for k, b in m._buffers.items():
+                    if b is not None:
+                        m._buffers[k] = b.to(device=device, dtype=dtype if b.is_floating_point() else None)
+            return module
+
+        torch.nn.Module.to = fake_to
+        from torch._subclasses.fake_tensor import is_fake
+
+        self.equal = equal = torch.equal
+        torch.equal = lambda a, b: True if is_fake(a) or is_fake(b) else equal(a, b)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        torch.nn.Module.to = self.to
+        torch.nn.functional.scaled_dot_product_attention = self.sdpa
+        torch.equal = self.equal
+        return self.mode.__exit__(*exc)
+
+
+def measure_step(step, modules, optimizers=()) -> dict:
+    """Run `step()` once under `MemTracker` and `FlopCounterMode`, with real or fake tensors.
+
+    Returns {"device", "peak_memory_bytes", "memory": {category: bytes at the peak}, "flops_per_step"}.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Tracker(MemTracker):  # grad hooks only on trainable parameters (MemTracker hooks every one and fails)
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+        def _pre_fw_hook(self, module, inputs):  # a module called twice (VAE chunks): only its own stats suffer
+            try:
+                super()._pre_fw_hook(module, inputs)
+            except NotImplementedError:
+                pass
+
+    tracker = Tracker()
+    tracker.track_external(*modules, *optimizers)
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    def grad_seen(grad):
+        tracker._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+    handles = []
+    for module in modules:
+        for p in (module.parameters() if isinstance(module, torch.nn.Module) else [module]):
+            if p.requires_grad:
+                handles += [p.register_hook(grad_seen), p.register_post_accumulate_grad_hook(lambda q: grad_seen(q.grad))]
+    flops = FlopCounterMode(display=False)
+    with tracker, flops:
+        step()
+    for h in handles:
+        h.remove()
+    peak = tracker.get_tracker_snapshot("peak")
+    device, split = max(peak.items(), key=lambda kv: kv[1]["Total"])
+    names = {"PARAM": "parameters", "BUFFER": "buffers", "GRAD": "gradients", "OPT": "optimizer_state",
+             "ACT": "activations", "TEMP": "temporaries", "OTH": "other"}
+    memory = {names.get(str(k).split(".")[-1], str(k)): int(v) for k, v in split.items() if str(k) != "Total"}
+    return {"device": str(device), "peak_memory_bytes": int(split["Total"]), "memory": memory,
+            "flops_per_step": int(flops.get_total_flops())}
+
+
+def _plan_finetune(cfg) -> dict:
+    from gendistill.video_distill.trainer import VideoREPATrainer
+
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=_random(cfg.model.pretrained),
+                                                             tiny=False))
+    if cfg.align.loss != "none":
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=_teacher_source(cfg.teacher)))
+    d = cfg.data
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a plan is its own run (precision, devices)
+    with _fake_mode():
+        trainer = VideoREPATrainer(cfg, data=False)
+        trainer.student.train()  # as `train()` does
+        batch = {"video": torch.rand(cfg.batch_size, d.num_frames, 3, d.height, d.width),
+                 "caption": ["a ball bounces on the grass"] * cfg.batch_size, "skipped": []}
+        modules = [trainer.student, trainer.text_encoder, trainer.vae] + ([trainer.teacher] if trainer.teacher else [])
+        result = measure_step(lambda: trainer.step_tensors(batch), modules, [trainer.optimizer])
+    result["models"] = _components({"transformer": trainer.transformer, "text_encoder": trainer.text_encoder,
+                                    "vae": trainer.vae, "teacher": trainer.teacher,
+                                    "projector": getattr(trainer.student, "projector", None),
+                                    "aligner": getattr(trainer.student, "aligner", None)})
+    result["input"] = f"{cfg.batch_size} x {d.num_frames} x {d.height} x {d.width}"
+    result["switches"] = {"gradient_checkpointing": cfg.gradient_checkpointing, "training_type": cfg.training_type,
+                          "mixed_precision": cfg.mixed_precision, "batch_size": cfg.batch_size}
+    return result
+
+
+def _scene_size(path) -> int:
+    if path is None or not Path(path).is_file():
+        return 0
+    from plyfile import PlyData
+
+    return int(PlyData.read(str(path))["vertex"].count)
+
+
+def _plan_edit(cfg) -> dict:
+    from gendistill.core.architectures import random_pipeline
+    from gendistill.core.guidance import load_guidance
+    from gendistill.core.guidance.load import as_dtype
+
+    g = cfg.guidance
+    options = dict(g.options)
+    if g.resolution is not None:
+        options["resolution"] = tuple(g.resolution)
+    B, H, W = cfg.batch_size, cfg.cameras.height, cfg.cameras.width
+    n = _scene_size(cfg.scene)
+    with _fake_mode():
+        pipe = random_pipeline(_random(g.model), dtype=as_dtype(g.dtype), **dict(g.pipeline_kwargs))
+    # the guidance's own set-up (noise schedules) on real tensors, around the fake models
+    guidance = load_guidance(pipe, kind=g.kind, guidance_scale=g.guidance_scale, weighting=g.weighting,
+                             t_range=tuple(g.t_range), cfg=g.cfg, view_dependent=g.view_dependent, **options)
+    with _fake_mode():
+        # the scene: means, quats, scales, opacities, SH (degree 3) in float32, with gradients and Adam state
+        gaussians = torch.nn.Parameter(torch.zeros(n, 3 + 4 + 3 + 1 + 48))
+        optimizer = torch.optim.Adam([gaussians], lr=1e-3)
+        images = torch.rand(B, 3, H, W, requires_grad=True)
+        extra = {"image_cond": images.detach()} if guidance.kind == "ip2p" else {}
+
+        def step():
+            loss = guidance.loss(images, prompt=cfg.prompt or "a photo", negative_prompt=g.negative_prompt,
+                                 mask=torch.ones(B, 1, H, W), **extra)
+            (loss + gaussians.sum() * 0).backward()
+            optimizer.step()
+
+        named = {k: getattr(pipe, k, None) for k in ("transformer", "unet", "vae", "text_encoder", "text_encoder_2",
+                                                      "text_encoder_3")}
+        result = measure_step(step, [m for m in named.values() if m is not None] + [gaussians], [optimizer])
+    result["models"] = _components({k: v for k, v in named.items()
+                                    if isinstance(v, torch.nn.Module)})
+    result["models"]["gaussians"] = {"params": gaussians.numel(), "trainable": gaussians.numel(), "dtype": "float32"}
+    result["input"] = f"{B} x 3 x {H} x {W}, {n:,} Gaussians"
+    result["switches"] = {"dtype": g.dtype, "cpu_offload": g.cpu_offload,
+                          "text_encoder_3": "off" if "text_encoder_3" in g.pipeline_kwargs else "on"}
+    return result
+
+
+def plan_config(config: str | Path, overrides=()) -> dict:
+    """The plan of one step of `config` (+ `key=value` overrides) at full size, as a JSON-able dict."""
+    start = time.perf_counter()
+    kind = _kind(config)
+    if kind == "edit":
+        from gendistill.config import load_config
+        from gendistill.splat_edit.edit_config import EditConfig
+
+        cfg = load_config(EditConfig, config, [*overrides, *_edit_placeholders(overrides)])
+        result = _plan_edit(cfg)
+    else:
+        from gendistill.config import load_config
+        from gendistill.video_distill.trainer import FinetuneConfig, check_config
+
+        cfg = load_config(FinetuneConfig, config, overrides)
+        check_config(cfg)
+        result = _plan_finetune(cfg)
+    result.update(config=str(config), kind=kind, seconds=round(time.perf_counter() - start, 1))
+    util, overhead = UTILISATION[kind]
+    result["gpus"] = {name: {"memory_gib": mem, "fits": result["peak_memory_bytes"] <= mem * 2**30 * 0.95,
+                             "s_per_step": round(result["flops_per_step"] / (tflops * 1e12 * util) + overhead, 3)}
+                      for name, (mem, tflops) in GPUS.items()}
+    return result
+
+
+def _edit_placeholders(overrides) -> list[str]:
+    """An edit config needs scene / part / edit_prompt / out to load; a plan does not read them."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    defaults = {"scene": "none.ply", "part": "part", "edit_prompt": "an edit", "out": "outputs/plan"}
+    return [f"{k}={v}" for k, v in defaults.items() if k not in given]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def suggestions(result: dict, memory_gib: float) -> list[str]:
+    """Config switches that lower the peak, for a plan that does not fit in `memory_gib`."""
+    if result["peak_memory_bytes"] <= memory_gib * 2**30 * 0.95:
+        return []
+    s, tips = result["switches"], []
+    if result["kind"] == "finetune":
+        if not s["gradient_checkpointing"]:
+            tips.append("gradient_checkpointing=true")
+        if s["training_type"] != "lora":
+            tips.append("training_type=lora (the base model frozen in half precision)")
+        if s["batch_size"] > 1:
+            tips.append("batch_size=1 with gradient_accumulation_steps=" + str(s["batch_size"]))
+        tips.append("DeepSpeed ZeRO-2 across GPUs (configs/accelerate/deepspeed_zero2.yaml) to shard optimizer state")
+    else:
+        if s["text_encoder_3"] == "on":
+            tips.append("guidance.pipeline_kwargs={text_encoder_3: null, tokenizer_3: null} (no T5)")
+        if s["cpu_offload"] is None:
+            tips.append("guidance.cpu_offload=model")
+    return tips
+
+
+def format_plan(result: dict, gpu: str | None = None, gpu_memory: float | None = None) -> str:
+    lines = [f"plan: {result['config']} ({result['kind']}), one step of {result['input']}, "
+             f"{result['seconds']} s to plan", "",
+             "| component | parameters | trainable | dtype |", "| --- | ---: | ---: | --- |"]
+    for name, m in result["models"].items():
+        lines.append(f"| {name} | {m['params']:,} | {m['trainable']:,} | {m['dtype']} |")
+    lines += ["", f"peak memory: {_size(result['peak_memory_bytes'])} = "
+              + ", ".join(f"{k} {_size(v)}" for k, v in result["memory"].items() if v),
+              f"FLOPs per step: {result['flops_per_step']:.3e}", "",
+              f"| GPU | memory GiB | fits | s/step (estimate: {int(UTILISATION[result['kind']][0] * 100)}% of peak "
+              f"bf16 FLOP/s + {UTILISATION[result['kind']][1]} s) |", "| --- | ---: | --- | ---: |"]
+    for name, g in result["gpus"].items():
+        lines.append(f"| {name} | {g['memory_gib']} | {'yes' if g['fits'] else 'no'} | {g['s_per_step']} |")
+    if gpu or gpu_memory:
+        memory = gpu_memory if gpu_memory else GPUS[gpu][0]
+        label = gpu or f"{memory:g} GiB"
+        fits = result["peak_memory_bytes"] <= memory * 2**30 * 0.95
+        lines += ["", f"{label}: {'fits' if fits else 'does not fit'} "
+                      f"({_size(result['peak_memory_bytes'])} of {memory:g} GiB, 5% kept free)"]
+        tips = suggestions(result, memory)
+        if tips:
+            lines.append("to fit, try: " + "; ".join(tips))
+    return "\n".join(lines)
+
+
+def add_plan_parser(subparsers):
+    p = subparsers.add_parser(
+        "plan", help="memory, FLOPs and time of one full-size step of a config, on a CPU, without weights",
+        description="Build every model of the config at full size from configs/models/ under fake tensors and run "
+                    "one step through the command's own code; print parameters, peak memory (parameters, "
+                    "gradients, optimizer state, activations), FLOPs and s/step per GPU.")
+    p.add_argument("--config", required=True, help="a YAML config of configs/splat_edit or configs/video_distill")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--gpu", choices=sorted(GPUS), help="say whether it fits on this GPU, and what would make it fit")
+    p.add_argument("--gpu-memory", type=float, help="the same for a GPU with this many GiB")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(run=run_plan)
+    return p
+
+
+def run_plan(args) -> None:
+    """`gendistill plan` (and `edit` / `finetune --dry-run`): print the plan of args.config + args.overrides."""
+    result = plan_config(args.config, args.overrides)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_plan(result, args.gpu, args.gpu_memory))
