@@ -46,3 +46,15 @@ def test_bad_overrides():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Cfg, tmp_path / "nope.yaml")
+
+
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    """`mixed_precision=no` (and a bare `no` in a file) is read by YAML 1.1 as false; it means "no"."""
+    from gendistill.video_distill.trainer import FinetuneConfig, check_config
+
+    cfg = load_config(FinetuneConfig, None, ["mixed_precision=no"])
+    assert cfg.mixed_precision == "no"
+    check_config(cfg)
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_config(FinetuneConfig, path).mixed_precision == "no"

@@ -174,6 +174,10 @@ class FinetuneConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
+    def __post_init__(self):
+        if self.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` (mixed_precision=no) as false
+            self.mixed_precision = "no"
+
 
 def check_config(cfg: FinetuneConfig) -> None:
     """Raise ValueError naming the first setting that cannot work."""
