@@ -84,7 +84,8 @@ def _rss_gib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def run_worker(case: str, backend: str, repeats: int, skip_backward: bool, threads: int | None) -> dict:
+def run_worker(case: str, backend: str, repeats: int, skip_backward: bool, threads: int | None,
+               torch_device: str = "cpu") -> dict:
     """Time one case in this process; returns the row as a dict."""
     import torch
 
@@ -96,7 +97,7 @@ def run_worker(case: str, backend: str, repeats: int, skip_backward: bool, threa
 
     from gendistill.core.render import rasterize
 
-    device = "cuda" if backend == "gsplat" else "cpu"
+    device = {"gsplat": "cuda", "cpu": "cpu"}.get(backend, torch_device)  # the torch backend runs anywhere
     args = make_case(case, device)
     cuda = device == "cuda"
 
@@ -152,12 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch and numba threads (default: their own defaults, all cores)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    p.add_argument("--torch-device", default=None,
+                   help="device of the torch backend (default: cuda when available, else cpu)")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "BACKEND"), help=argparse.SUPPRESS)
     p.add_argument("--no-backward", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
     if a.worker:
-        print("RESULT " + json.dumps(run_worker(a.worker[0], a.worker[1], a.repeats, a.no_backward, a.threads)), flush=True)
+        print("RESULT " + json.dumps(run_worker(a.worker[0], a.worker[1], a.repeats, a.no_backward, a.threads,
+                                                a.torch_device or "cpu")), flush=True)
         return
 
     if a.backends is None:
@@ -167,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         backends = [b for b in a.backends.split(",") if b]
     cases = [c for c in a.cases.split(",") if c]
+    import torch
+
+    torch_device = a.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     if any(c.startswith("garden") for c in cases) and not GARDEN.is_file():
         sys.exit(f"garden data not found at {GARDEN}")
 
@@ -180,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(head))
     for case in cases:
         for backend in backends:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, backend,
-                   "--repeats", str(a.repeats)] + (["--threads", str(a.threads)] if a.threads else [])
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, backend, "--repeats",
+                   str(a.repeats), "--torch-device", torch_device] + (["--threads", str(a.threads)] if a.threads else [])
             if a.skip_slow and (case, backend) in SLOW:
                 cmd.append("--no-backward")
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     if rows:
         dev = {r["device"] for r in rows}
         print(f"\nbest of {a.repeats} runs; torch threads {rows[0]['threads']}; device {', '.join(sorted(dev))}; "
-              "peak = max RSS of a fresh process (CPU) or max CUDA memory allocated (gsplat); "
+              "peak = max RSS of a fresh process (CPU) or max CUDA memory allocated (CUDA rows); "
               "cpu-s = least process CPU time (all threads) of a run, a steadier figure on a shared machine; "
               f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}")
     if a.json:
