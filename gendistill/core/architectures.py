@@ -16,6 +16,8 @@ starts with `random:`; the real path is `from_pretrained` everywhere else.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import json
 import os
@@ -67,6 +69,18 @@ def _keep_fp32(model: torch.nn.Module) -> None:
                 setattr(module, pname, torch.nn.Parameter(param.detach().float(), requires_grad=param.requires_grad))
 
 
+def _no_init_if_fake(cls):
+    """Under fake tensors, transformers' weight initialisers are skipped: some (DINOv2's truncated normal)
+    read values, which fake tensors do not have; a plan needs none."""
+    from torch._guards import active_fake_mode
+
+    if active_fake_mode() is not None and cls.__module__.startswith("transformers"):
+        from transformers.initialization import no_init_weights
+
+        return no_init_weights()
+    return contextlib.nullcontext()
+
+
 def random_model(cls, source, *, subfolder: str | None = None, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None):
     """`cls` (a diffusers model or scheduler, or a transformers model) built from the architecture
@@ -92,8 +106,10 @@ def random_model(cls, source, *, subfolder: str | None = None, dtype: torch.dtyp
     previous = torch.get_default_dtype()
     try:  # created in `dtype`, as from_pretrained(torch_dtype=...) does (casting fails under fake tensors)
         torch.set_default_dtype(dtype or previous)
-        with torch.device(device or "cpu"):
+        with torch.device(device or "cpu"), _no_init_if_fake(cls):
             model = build()
+        if hasattr(model, "tie_weights"):  # part of transformers' init_weights, which fake tensors skip
+            model.tie_weights()
     finally:
         torch.set_default_dtype(previous)
     if dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gendistill.core.align.relations import _no_autocast
+from gendistill.core.align.relations import _check_finite, _no_autocast
 
 
 def repa_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -40,10 +40,7 @@ def repa_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         s = F.normalize(student.to(dtype), dim=-1)
         t = F.normalize(teacher.to(dtype), dim=-1)
         loss = -(s * t).sum(dim=-1).mean()
-    if not bool(torch.isfinite(loss)):
-        for name, x in (("student", student), ("teacher", teacher)):
-            if not bool(torch.isfinite(x.detach()).all()):
-                raise ValueError(f"{name} features contain NaN/inf values")
+    _check_finite(loss, student, teacher, "REPA")
     return loss
 
 

@@ -303,15 +303,15 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
         raise ValueError(f"student is on {student.device}, teacher on {teacher.device}")
 
 
-def _check_finite(loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
+def _check_finite(loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, name: str = "TRD") -> None:
     """One scalar check; on failure, name the input holding NaN/inf (skipped for fake tensors: no values)."""
     if is_fake(loss) or bool(torch.isfinite(loss)):
         return
     for name, t in (("student", student), ("teacher", teacher)):
         bad = ~torch.isfinite(t.detach())
         if bool(bad.any()):
-            raise ValueError(f"{name} features contain {int(bad.sum())} NaN/inf values")
-    raise ValueError(f"TRD loss is not finite ({loss.item()}) although the inputs are")
+            raise ValueError(f"{name} features contain NaN/inf values ({int(bad.sum())} of {t.numel()})")
+    raise ValueError(f"{name} loss is not finite ({loss.item()}) although the inputs are")
 
 
 def _no_autocast(device: torch.device):
