@@ -17,8 +17,9 @@ and one step runs through the project's own code:
 plus a fixed cost per step, both calibrated on H200 measurements (`UTILISATION`).
 
 Accuracy against one H200 (random weights, the real commands, batch 1): romap_sd3 18.1 vs 18.2 GiB,
-sds_sd21 4.0 vs 4.3, ip2p 3.7 vs 4.1, videorepa_2b_sft 37.3 vs 43.4, videorepa_5b_lora 29.4 vs 31.0
-(README). Tiny configs on CPU are checked against real steps within 25% (tests/test_plan.py).
+sds_sd21 4.0 vs 4.3, ip2p 3.7 vs 4.1, videorepa_2b_sft 38.9 vs 43.4, videorepa_5b_lora 30.5 vs 31.0,
+repa_baseline 30.4 vs 30.9 (README). Tiny configs on CPU are checked against real steps within 25%
+(tests/test_plan.py).
 """
 
 from __future__ import annotations
@@ -127,11 +128,14 @@ class _fake_mode:
             tensors = [*module.parameters(), *module.buffers()]
             if dtype is None and (device is None or all(t.device == torch.device(device) for t in tensors)):
                 return module
+            done = {}  # tied parameters (T5's embeddings) stay tied
             for m in module.modules():  # replace (not swap) each parameter and buffer
                 for k, p in m._parameters.items():
-                    if p is not None:
+                    if p is not None and id(p) not in done:
                         new = p.detach().to(device=device, dtype=dtype if p.is_floating_point() else None)
-                        m._parameters[k] = torch.nn.Parameter(new, requires_grad=p.requires_grad)
+                        done[id(p)] = torch.nn.Parameter(new, requires_grad=p.requires_grad)
+                    if p is not None:
+                        m._parameters[k] = done[id(p)]
                 for k, b in m._buffers.items():
                     if b is not None:
                         m._buffers[k] = b.to(device=device, dtype=dtype if b.is_floating_point() else None)
@@ -152,12 +156,24 @@ class _fake_mode:
         return self.mode.__exit__(*exc)
 
 
-class _GlobalOnly:
-    """Stands in for FlopCounterMode's module tracker: every FLOP counted under "Global" only. The real
-    tracker's backward hooks keep gradient-checkpointing recomputations alive, which MemTracker then
-    counts as activations (the 2B finetune's peak read 64 GiB instead of ~45)."""
+class _NoModules:
+    """Stands in for the module trackers of MemTracker and FlopCounterMode: no module hooks, everything
+    counted under "Global". MemTracker's per-module snapshots were ~70% of a plan's time, and
+    FlopCounterMode's backward hooks kept gradient-checkpointing recomputations alive, which MemTracker
+    then counted as activations (the 2B finetune's peak read 64 GiB). MemTracker still asks "are we in
+    backward?", which sorts new tensors into activations and temporaries."""
 
     parents = ("Global",)
+
+    @property
+    def is_bw(self):
+        return torch._C._current_graph_task_id() != -1
+
+    def register_user_hooks(self, *hooks):
+        pass
+
+    def clear_user_hooks(self):
+        pass
 
     def __enter__(self):
         return self
@@ -166,25 +182,38 @@ class _GlobalOnly:
         return False
 
 
+def _create_state(optimizer) -> None:
+    """Give `optimizer` its state (Adam creates it on its first step), so that the measured step is a
+    steady-state one: its state is there during the forward and backward passes of every later step."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if all(p in optimizer.state and optimizer.state[p] for p in params):
+        return
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def measure_step(step, modules, optimizers=()) -> dict:
-    """Run `step()` once under `MemTracker` and `FlopCounterMode`, with real or fake tensors.
+    """Run `step()` once under `MemTracker` and `FlopCounterMode`, with real or fake tensors, as a
+    steady-state step (each optimizer's state created first).
 
     Returns {"device", "peak_memory_bytes", "memory": {category: bytes at the peak}, "flops_per_step"}.
     """
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
 
-    class Tracker(MemTracker):  # grad hooks only on trainable parameters (MemTracker hooks every one and fails)
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+    class Tracker(MemTracker):  # totals per device only: no per-module statistics
+        def _update_peak_stats(self, peak_state):  # the base class also walks every module's stats on every op
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
 
-        def _pre_fw_hook(self, module, inputs):  # a module called twice (VAE chunks): only its own stats suffer
-            try:
-                super()._pre_fw_hook(module, inputs)
-            except NotImplementedError:
-                pass
-
+    for optimizer in optimizers:
+        _create_state(optimizer)
     tracker = Tracker()
+    tracker._mod_tracker = _NoModules()
     tracker.track_external(*modules, *optimizers)
     from torch.distributed._tools.mem_tracker import _MemRefType
 
@@ -197,7 +226,7 @@ def measure_step(step, modules, optimizers=()) -> dict:
             if p.requires_grad:
                 handles += [p.register_hook(grad_seen), p.register_post_accumulate_grad_hook(lambda q: grad_seen(q.grad))]
     flops = FlopCounterMode(display=False)
-    flops.mod_tracker = _GlobalOnly()  # its per-module tracker keeps checkpoint recomputations alive
+    flops.mod_tracker = _NoModules()
     with tracker, flops:
         step()
     for h in handles:
@@ -222,13 +251,17 @@ def _plan_finetune(cfg) -> dict:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a plan is its own run (precision, devices)
-    with _fake_mode():
-        trainer = VideoREPATrainer(cfg, data=False)
-        trainer.student.train()  # as `train()` does
-        batch = {"video": torch.rand(cfg.batch_size, d.num_frames, 3, d.height, d.width),
-                 "caption": ["a ball bounces on the grass"] * cfg.batch_size, "skipped": []}
-        modules = [trainer.student, trainer.text_encoder, trainer.vae] + ([trainer.teacher] if trainer.teacher else [])
-        result = measure_step(lambda: trainer.step_tensors(batch), modules, [trainer.optimizer])
+    try:
+        with _fake_mode():
+            trainer = VideoREPATrainer(cfg, data=False)
+            trainer.student.train()  # as `train()` does
+            batch = {"video": torch.rand(cfg.batch_size, d.num_frames, 3, d.height, d.width),
+                     "caption": ["a ball bounces on the grass"] * cfg.batch_size, "skipped": []}
+            modules = [trainer.student, trainer.text_encoder, trainer.vae, trainer.teacher]
+            result = measure_step(lambda: trainer.step_tensors(batch), [m for m in modules if m is not None],
+                                  [trainer.optimizer])
+    finally:  # and leaves no state behind for a real run in the same process
+        AcceleratorState._reset_state(reset_partial_state=True)
     result["models"] = _components({"transformer": trainer.transformer, "text_encoder": trainer.text_encoder,
                                     "vae": trainer.vae, "teacher": trainer.teacher,
                                     "projector": getattr(trainer.student, "projector", None),
