@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gendistill.core.guidance import (
     anneal_t_range,
@@ -122,6 +123,35 @@ def test_mask_zeroes_gradient_and_is_resized(sd):
     m[..., 3:9, 2:5] = 1
     grad = _latent_grad(guidance, latents, prompt=PROMPT, mask=m, t=t, noise=noise)
     torch.testing.assert_close(grad, full * m)
+
+
+@pytest.mark.parametrize("kind", ["sds", "rfds"])
+def test_reductions_against_romaps_masked_mse(sd, sd3, kind):
+    """"masked_mean" is RoMaP's `F.mse_loss(noise[m] - latents[m], target[m]) / B` with the mask
+    bilinear-resized and > 0.5: computed here from the "sum" gradient g / B (the same t and noise)."""
+    pipe = sd if kind == "sds" else sd3
+    c = 4 if kind == "sds" else pipe.transformer.config.in_channels
+    latents, noise = _inputs(c=c)
+    t = torch.tensor([300, 600])
+    soft = torch.rand(B, 1, H, H, generator=torch.Generator().manual_seed(1))
+    kw = dict(prompt=PROMPT, t=t, noise=noise)
+    g = _latent_grad(load_guidance(pipe, kind=kind, guidance_scale=7.5), latents, **kw) * B  # unmasked g
+    masked = _latent_grad(load_guidance(pipe, kind=kind, guidance_scale=7.5, reduction="masked_mean"), latents,
+                          mask=soft, **kw)
+    hard = (F.interpolate(soft, size=latents.shape[-2:], mode="bilinear", align_corners=False) > 0.5).float()
+    n = hard.sum() * c  # every channel of each masked latent position
+    assert 0 < n < latents.numel()
+    _close(masked, 2 * g * hard / (n * B))
+    # the loss value itself: the MSE over the masked elements of the residual, / B
+    guidance = load_guidance(pipe, kind=kind, guidance_scale=7.5, reduction="masked_mean")
+    loss = guidance.loss(latents=latents, mask=soft, **kw)
+    residual = guidance.last["grad"]
+    expected = F.mse_loss(residual[hard.expand_as(residual) > 0], torch.zeros(int(n))) / B
+    torch.testing.assert_close(loss, expected)
+    mean = _latent_grad(load_guidance(pipe, kind=kind, guidance_scale=7.5, reduction="mean"), latents, **kw)
+    _close(mean, g / (B * latents[0].numel()))
+    with pytest.raises(ValueError, match="reduction 'max'"):
+        load_guidance(pipe, kind=kind, reduction="max")
 
 
 def test_gradient_reaches_images_through_the_vae(sd):

@@ -5,7 +5,7 @@
     loss.backward()            # d loss / d latents = w(t) (eps_hat - noise) m / B
 """
 
-from gendistill.core.guidance.base import CFG_FORMS, GUIDANCE, Guidance, combine_cfg
+from gendistill.core.guidance.base import CFG_FORMS, GUIDANCE, REDUCTIONS, Guidance, combine_cfg
 from gendistill.core.guidance.ip2p import IP2PGuidance
 from gendistill.core.guidance.load import detect_kind, load_guidance, load_pipeline
 from gendistill.core.guidance.prompts import PromptCache, batch_prompts, view_suffix
@@ -32,6 +32,7 @@ __all__ = [
     "IP2PGuidance",
     "GUIDANCE",
     "CFG_FORMS",
+    "REDUCTIONS",
     "WEIGHTINGS",
     "ANNEALING",
     "combine_cfg",

@@ -31,6 +31,12 @@ from gendistill.registry import Registry
 
 GUIDANCE = Registry("guidance kind")
 CFG_FORMS = ("standard", "threestudio")
+# how the per-element loss is reduced (d loss / d latents, with g = w(t) (prediction - target)):
+# "sum": 0.5 sum(g^2 m) / B -> g m / B (DreamFusion / threestudio, soft area-averaged mask);
+# "mean": the same divided by the C h w elements of one latent -> g m / (B C h w);
+# "masked_mean": RoMaP's `F.mse_loss(...)[mask] / B`: the mean of g^2 over the masked latent elements
+#   (hard mask: bilinear to the latent grid, > 0.5), / B -> 2 g m / (B n_masked)
+REDUCTIONS = ("sum", "mean", "masked_mean")
 RANGE_TOL = 1e-3
 
 
@@ -79,6 +85,7 @@ class Guidance:
         view_dependent: append ", front view" etc. to the prompt when `loss` gets an azimuth.
         resolution: resize images (and masks, conditioning images) to this (H, W) before encoding;
             None keeps their size, which must then be a multiple of `size_multiple`.
+        reduction: "sum", "mean" or "masked_mean" (RoMaP); see `REDUCTIONS`.
     """
 
     kind = ""
@@ -96,7 +103,11 @@ class Guidance:
         t_range_end: Sequence[float] = (0.02, 0.50),
         view_dependent: bool = True,
         resolution: int | Sequence[int] | None = None,
+        reduction: str = "sum",
     ):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+        self.reduction = reduction
         self.pipe = pipe
         self.vae = getattr(pipe, "vae", None)
         self.guidance_scale = float(guidance_scale)
@@ -268,7 +279,8 @@ class Guidance:
         return noise.to(self.device, torch.float32)
 
     def latent_mask(self, mask, batch: int, latent_hw, image_hw=None) -> torch.Tensor | None:
-        """[B|1,1,H,W] mask in [0,1] -> [B,1,h,w] on the latent grid (area-averaged); None stays None.
+        """[B|1,1,H,W] mask in [0,1] -> [B,1,h,w] on the latent grid (area-averaged; for "masked_mean",
+        bilinear then > 0.5); None stays None.
 
         H, W may be the image size, the latent grid, or the latent grid times the VAE factor.
         """
@@ -284,7 +296,11 @@ class Guidance:
             b = f"{batch} or 1" if batch != 1 else "1"
             raise ValueError(f"mask must be [B,1,H,W] in [0,1] (B = {b}, H x W = {ok_sizes}), got {got}")
         m = mask.to(self.device, torch.float32)
-        if tuple(m.shape[-2:]) != (h, w):
+        if self.reduction == "masked_mean":  # RoMaP: bilinear, then hard
+            if tuple(m.shape[-2:]) != (h, w):
+                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            m = (m > 0.5).float()
+        elif tuple(m.shape[-2:]) != (h, w):
             m = F.interpolate(m, size=(h, w), mode="area")
         return m.expand(batch, 1, h, w)
 
@@ -315,7 +331,8 @@ class Guidance:
             generator: makes the drawn t, noise and VAE sample reproducible.
 
         Returns:
-            [] loss with d loss / d latents = w(t) (prediction - target) m / B. `self.last` holds
+            [] loss with d loss / d latents = w(t) (prediction - target) m / B for reduction "sum" (see
+            `REDUCTIONS` for the others). `self.last` holds
             "t", "w", "grad" ([B,C,h,w], the gradient times B) and "latents" of this call.
         """
         return self._loss(images, prompt, negative_prompt, latents=latents, mask=mask, t=t, noise=noise,
@@ -344,9 +361,19 @@ class Guidance:
             if m is not None:
                 grad = grad * m
         target = (latents.float() - grad).detach()
-        loss = 0.5 * (latents.float() - target).pow(2).sum() / batch
+        loss = self._reduce((latents.float() - target).pow(2), m, batch)
         self.last = {"t": t, "w": w, "grad": grad, "latents": latents.detach()}
         return loss
+
+    def _reduce(self, sq: torch.Tensor, m: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """sq [B,C,h,w] squared residual (already zero outside the mask) -> [] loss (see `REDUCTIONS`)."""
+        if self.reduction == "sum":
+            return 0.5 * sq.sum() / batch
+        if self.reduction == "mean":
+            return 0.5 * sq.sum() / (batch * sq[0].numel())
+        if m is None:
+            return sq.mean() / batch
+        return sq.sum() / (m.sum() * sq.shape[1]).clamp_min(1) / batch  # every channel of a masked position
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(pipeline={type(self.pipe).__name__}, guidance_scale={self.guidance_scale}, "

@@ -158,7 +158,7 @@ def load_guidance(
         cfg: "standard" or "threestudio" (see `Guidance`).
         dtype, device, cpu_offload, attention_slicing, vae_tiling, pipeline_kwargs: see `load_pipeline`.
         options: per kind: grad_clip, t_anneal ("none" | "linear" | "sqrt"), t_range_end,
-            view_dependent, resolution (all kinds); image_guidance_scale (ip2p, 1.5);
+            view_dependent, resolution, reduction ("sum" | "mean" | "masked_mean") (all kinds); image_guidance_scale (ip2p, 1.5);
             refine_noise (rfds, True).
 
     Returns:
