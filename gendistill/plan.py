@@ -284,18 +284,15 @@ def _plan_edit(cfg) -> dict:
     from gendistill.core.architectures import random_pipeline
     from gendistill.core.guidance import load_guidance
     from gendistill.core.guidance.load import as_dtype
+    from gendistill.splat_edit.edit_inputs import guidance_options
 
     g = cfg.guidance
-    options = dict(g.options)
-    if g.resolution is not None:
-        options["resolution"] = tuple(g.resolution)
     B, H, W = cfg.batch_size, cfg.cameras.height, cfg.cameras.width
     n = _scene_size(cfg.scene)
     with _fake_mode():
         pipe = random_pipeline(_random(g.model), dtype=as_dtype(g.dtype), **dict(g.pipeline_kwargs))
     # the guidance's own set-up (noise schedules) on real tensors, around the fake models
-    guidance = load_guidance(pipe, kind=g.kind, guidance_scale=g.guidance_scale, weighting=g.weighting,
-                             t_range=tuple(g.t_range), cfg=g.cfg, view_dependent=g.view_dependent, **options)
+    guidance = load_guidance(pipe, **guidance_options(g))
     with _fake_mode():
         # the scene: means, quats, scales, opacities, SH (degree 3) in float32, with gradients and Adam state
         gaussians = torch.nn.Parameter(torch.zeros(n, 3 + 4 + 3 + 1 + 48))

@@ -380,9 +380,33 @@ def test_cached_torch_render_on_cuda_matches_gsplat():
 def test_remove_prior_is_grey_and_leaves_the_rest():
     sh = torch.randn(5, 4, 3)
     mask = torch.tensor([True, False, True, False, False])
-    out = remove_prior(sh, mask)
+    out = remove_prior(sh, mask, "all")
     assert torch.equal(out[~mask], sh[~mask]) and torch.equal(out[mask], torch.zeros(2, 4, 3))
     assert torch.equal(sh[mask] != 0, torch.ones(2, 4, 3, dtype=torch.bool))  # the input is untouched
+    dc = remove_prior(sh, mask)  # RoMaP's: the DC term only, view-dependent terms kept
+    assert torch.equal(dc[mask, 0], torch.zeros(2, 3)) and torch.equal(dc[mask, 1:], sh[mask, 1:])
+    assert torch.equal(dc[~mask], sh[~mask])
+    with pytest.raises(ValueError, match="'dc' or 'all'"):
+        remove_prior(sh, mask, "rest")
+
+
+def test_romap_config_edits_as_released():
+    """romap_sd3.yaml: SDS prompt = prompt + " " + edit_prompt, DC-only prior removal at label threshold
+    1.0, masked-mean reduction; YAML booleans still read (true -> dc, false -> none); bad values named."""
+    from gendistill.splat_edit.edit_config import load_edit_config
+    from gendistill.splat_edit.editor import sds_prompt
+
+    req = ["scene=s.ply", "part=hat", "out=o", "prompt=a snowman with a hat", "edit_prompt=in a gold hat"]
+    cfg = load_edit_config(ROOT / "configs" / "splat_edit" / "romap_sd3.yaml", req)
+    assert sds_prompt(cfg) == "a snowman with a hat in a gold hat"
+    assert cfg.prior_removal == "dc" and cfg.segment.threshold == 1.0 and cfg.guidance.reduction == "masked_mean"
+    plain = load_edit_config(None, [*req, "guidance.model=m"])
+    assert sds_prompt(plain) == "in a gold hat"  # ours: the edit prompt alone
+    assert load_edit_config(None, [*req, "guidance.model=m", "prior_removal=true"]).prior_removal == "dc"
+    assert load_edit_config(None, [*req, "guidance.model=m", "prior_removal=false"]).prior_removal == "none"
+    for key, bad in (("prior_removal", "some"), ("sds_prompt", "both"), ("guidance.reduction", "max")):
+        with pytest.raises(ValueError, match=key):
+            load_edit_config(None, [*req, "guidance.model=m", f"{key}={bad}"])
 
 
 def test_camera_angles_of_an_orbit():

@@ -62,10 +62,14 @@ class SegmentConfig:
     indexed like the scene), "property" (an integer per-Gaussian property named by part_attr, its
     names in the `<part_attr>_names` PLY comment, like the demo scene), "galp" (train 3D-GALP here
     from the 2D masks of `mask_source`).
-    threshold: 3D-GALP label threshold (summed |difference| of the view-averaged label to the part
-    code). 0.3 is RoMaP's editing gate: only confidently labelled Gaussians change, so a boundary
-    Gaussian of a neighbouring part with a half-way label keeps its bytes (`gendistill segment`
-    writes its masks at 1.0, RoMaP's segmentation threshold).
+    threshold: which Gaussians are the part (edited, and prior-removed): those whose view-averaged
+    3D-GALP label colour is within `threshold` of the part's code, as summed |difference| over RGB.
+    0.3 (default, ours): only confidently labelled Gaussians change, so a boundary Gaussian of a
+    neighbouring part with a half-way label keeps its bytes. RoMaP's thresholds (configs/FIDELITY.md):
+    1.0 (`seg_3d_threshold`, romap_sd3.yaml and `gendistill segment`) on the label seen from view 0
+    picks the Gaussians whose prior is removed; 0.3 on the raw SH DC coefficient (not the colour)
+    gates densification gradients every step (not reproduced: our part set is fixed per run); its 2D
+    masks take pixels whose mean |difference| per channel is below 0.34.
     parts: all parts for "galp" (default: just the edited one); mask_source / mask_options: a
     `MASK_SOURCES` entry and its options (e.g. {path: masks_dir} for "files"); galp: GALPConfig
     fields to override (e.g. {steps: 300}).
@@ -92,9 +96,10 @@ class GuidanceConfig:
     t_range: (lo, hi) fractions of the training noise schedule, ascending in noise for every kind
     (see `gendistill.core.guidance.schedule`). model may also be `random:<hub id>` (full size,
     random weights: `gendistill.core.architectures`).
-    kind: "auto", "sds", "rfds" or "ip2p". sds_normalize: divide the SDS loss by the number of latent
-    elements (the per-element mean of RoMaP's `F.mse_loss` form; ours), so lambda_anchor keeps one
-    meaning across models and resolutions.
+    kind: "auto", "sds", "rfds" or "ip2p". reduction: how the masked SDS loss is reduced
+    (`gendistill.core.guidance.REDUCTIONS`): "masked_mean" is RoMaP's (the mean over the masked latent
+    elements, hard mask); "mean" (ours) divides the summed loss by every latent element, so the SDS
+    gradient per pixel does not grow as the part shrinks; "sum" is threestudio's.
     options: other `load_guidance` options (grad_clip, t_anneal, image_guidance_scale, ...).
     pipeline_kwargs: `from_pretrained` arguments (e.g. {text_encoder_3: null, tokenizer_3: null}).
     """
@@ -111,7 +116,7 @@ class GuidanceConfig:
     resolution: Optional[list[int]] = None
     negative_prompt: str = ""
     view_dependent: bool = True
-    sds_normalize: bool = True
+    reduction: str = "mean"
     options: dict[str, Any] = field(default_factory=dict)
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -190,7 +195,11 @@ class EditConfig:
     direction's source. edit_prompt: the edit ("a snowman with a gold hat").
     steps: optimisation steps; batch_size: random ring views per step (SDS);
     lambda_sds / lambda_anchor: weights of the masked SDS and the masked L1 anchor loss.
-    prior_removal: reset the part's colour to neutral grey first (RoMaP).
+    sds_prompt: the SDS prompt: "prompt+edit_prompt" (RoMaP: `prompt + " " + edit_prompt`, so write
+    edit_prompt as the change, "with a gold hat") or "edit_prompt" (edit_prompt alone, a full sentence).
+    prior_removal: reset the part's colour before editing (RoMaP's Gaussian prior removal): "dc" zeroes
+    the SH DC term only (RoMaP: neutral grey, view-dependent terms kept), "all" every SH coefficient,
+    "none" keeps the colours (true / false read as "dc" / "none").
     background: RGB behind the Gaussians. mask_dilation: pixels added to the SDS mask.
     device: "cpu" / "cuda" (None: cuda when available). backend: render backend.
     profile: synchronise and time each stage of a step (summary.json "timings").
@@ -205,7 +214,8 @@ class EditConfig:
     batch_size: int = 1
     lambda_sds: float = 1.0
     lambda_anchor: float = 10.0
-    prior_removal: bool = True
+    sds_prompt: str = "edit_prompt"
+    prior_removal: str = "dc"
     background: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     mask_dilation: int = 1
     seed: int = 0
@@ -220,6 +230,9 @@ class EditConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self):  # YAML's true / false in a str field arrive as "True" / "False"
+        self.prior_removal = {"True": "dc", "False": "none"}.get(str(self.prior_removal), self.prior_removal)
 
 
 def load_edit_config(path: str | os.PathLike | None = None, overrides=()) -> EditConfig:
@@ -254,6 +267,14 @@ def check_values(cfg: EditConfig) -> None:
         need(v is None or v > 0, f"cameras.{key}", f"must be positive, got {v}")
     sources = ("auto", "mask_file", "labels", "property", "galp")
     need(cfg.segment.source in sources, "segment.source", f"must be one of {sources}, got {cfg.segment.source!r}")
+    need(cfg.prior_removal in ("dc", "all", "none"), "prior_removal",
+         f"must be 'dc', 'all' or 'none', got {cfg.prior_removal!r}")
+    need(cfg.sds_prompt in ("prompt+edit_prompt", "edit_prompt"), "sds_prompt",
+         f"must be 'prompt+edit_prompt' or 'edit_prompt', got {cfg.sds_prompt!r}")
+    from gendistill.core.guidance import REDUCTIONS
+
+    need(cfg.guidance.reduction in REDUCTIONS, "guidance.reduction",
+         f"must be one of {REDUCTIONS}, got {cfg.guidance.reduction!r}")
     need(cfg.guidance.tiny in (None, "sd", "sd3", "ip2p"), "guidance.tiny",
          f"must be null, 'sd', 'sd3' or 'ip2p', got {cfg.guidance.tiny!r}")
     methods = ("auto", "slamp", "ip2p", "none")

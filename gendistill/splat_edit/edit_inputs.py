@@ -22,7 +22,7 @@ from gendistill.splat_edit.edit_config import EditConfig, GuidanceConfig
 
 __all__ = [
     "resolve_device", "check_inputs", "load_scene", "make_cameras", "scene_radius", "camera_angles",
-    "visible_gaussians", "segment_part", "write_tiny_pipeline", "load_edit_guidance",
+    "visible_gaussians", "segment_part", "write_tiny_pipeline", "guidance_options", "load_edit_guidance",
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -244,16 +244,21 @@ def write_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def guidance_options(cfg: GuidanceConfig) -> dict:
+    """The `load_guidance` arguments of a GuidanceConfig, other than the model and where it loads."""
+    options = dict(cfg.options)
+    if cfg.resolution is not None:
+        options["resolution"] = tuple(cfg.resolution)
+    return dict(kind=cfg.kind, guidance_scale=cfg.guidance_scale, weighting=cfg.weighting, t_range=tuple(cfg.t_range),
+                cfg=cfg.cfg, view_dependent=cfg.view_dependent, reduction=cfg.reduction, **options)
+
+
 def load_edit_guidance(cfg: GuidanceConfig, device: torch.device):
     """`load_guidance` from the config (writing the tiny pipeline first when asked)."""
     from gendistill.core.guidance import load_guidance
 
     if cfg.tiny is not None and not Path(cfg.model).exists():
         write_tiny_pipeline(cfg.tiny, cfg.model)
-    options = dict(cfg.options)
-    if cfg.resolution is not None:
-        options["resolution"] = tuple(cfg.resolution)
-    return load_guidance(cfg.model, kind=cfg.kind, guidance_scale=cfg.guidance_scale, weighting=cfg.weighting,
-                         t_range=tuple(cfg.t_range), cfg=cfg.cfg, dtype=cfg.dtype,
-                         device=None if cfg.cpu_offload else device, cpu_offload=cfg.cpu_offload,
-                         pipeline_kwargs=dict(cfg.pipeline_kwargs), view_dependent=cfg.view_dependent, **options)
+    return load_guidance(cfg.model, dtype=cfg.dtype, device=None if cfg.cpu_offload else device,
+                         cpu_offload=cfg.cpu_offload, pipeline_kwargs=dict(cfg.pipeline_kwargs),
+                         **guidance_options(cfg))

@@ -7,7 +7,8 @@
    folder missing); `prepare_edit` runs them all.
 2. `segment_part`: the part's 3D mask [N] bool (mask file, 3D-GALP label field, integer `part`
    property, or 3D-GALP trained here from 2D masks); written to masks3d/<part>.npy.
-3. `remove_prior`: the part's SH set to zero, i.e. neutral grey (RoMaP's Gaussian prior removal).
+3. `remove_prior`: the part's SH DC term (or every SH coefficient) set to zero: neutral grey (RoMaP's
+   Gaussian prior removal).
 4. anchors: the part rendered in one or more views and edited in 2D (`slamp_edit`, or the
    InstructPix2Pix pipeline for ip2p guidance); part Gaussians whose target pixel is background go.
 5. `PartEditor`: N steps of L = lambda_sds * masked SDS (random ring views) + lambda_anchor * masked
@@ -54,7 +55,7 @@ from gendistill.splat_edit.edit_inputs import (
 )
 
 __all__ = [
-    "run_edit", "prepare_edit", "remove_prior", "render_part", "dilate", "pick_anchor_views", "make_anchor_targets",
+    "run_edit", "prepare_edit", "remove_prior", "sds_prompt", "render_part", "dilate", "pick_anchor_views", "make_anchor_targets",
     "background_gaussians", "anchor_stage", "PartEditor", "Anchors", "StopRequest", "EditResult",
     # re-exported from edit_inputs
     "check_inputs", "make_cameras", "camera_angles", "visible_gaussians", "segment_part", "load_edit_guidance",
@@ -63,11 +64,24 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- prior removal, rendering
-def remove_prior(sh: Tensor, mask: Tensor) -> Tensor:
-    """A copy of sh [N, K, 3] with every coefficient of the masked Gaussians zero: neutral grey (0.5)."""
+def remove_prior(sh: Tensor, mask: Tensor, terms: str = "dc") -> Tensor:
+    """A copy of sh [N, K, 3] with the masked Gaussians' SH DC term ("dc", RoMaP: base colour neutral
+    grey 0.5, view-dependent terms kept) or every coefficient ("all": grey from every side) zero."""
+    if terms not in ("dc", "all"):
+        raise ValueError(f"terms must be 'dc' or 'all', got {terms!r}")
     out = sh.clone()
-    out[mask] = 0.0
+    if terms == "dc":
+        out[mask, :1] = 0.0
+    else:
+        out[mask] = 0.0
     return out
+
+
+def sds_prompt(cfg: EditConfig) -> str:
+    """The SDS prompt: RoMaP's `prompt + " " + edit_prompt`, or edit_prompt alone (`cfg.sds_prompt`)."""
+    if cfg.sds_prompt == "prompt+edit_prompt" and cfg.prompt:
+        return f"{cfg.prompt} {cfg.edit_prompt}"
+    return cfg.edit_prompt
 
 
 def dilate(mask: Tensor, pixels: int) -> Tensor:
@@ -192,7 +206,9 @@ class PartEditor:
         self.rest_index = keep.nonzero()[:, 0]
         self.rest_cache = RestCache()
         src = self.mask.nonzero()[:, 0]
-        sh = remove_prior(scene.sh[src], torch.ones(len(src), dtype=torch.bool)) if cfg.prior_removal else scene.sh[src]
+        sh = scene.sh[src]
+        if cfg.prior_removal != "none":
+            sh = remove_prior(sh, torch.ones(len(src), dtype=torch.bool), cfg.prior_removal)
         raw = {"means": scene.means[src], "quats": scene.quats[src], "scales": scene.log_scales[src],
                "opacities": scene.opacity_logits[src], "sh0": sh[:, :1]}
         if sh.shape[1] > 1:
@@ -269,11 +285,9 @@ class PartEditor:
             extra["image_cond_latents"] = torch.cat([self._condition(v) for v in views])
         azimuth = self.azimuth[views] if cfg.guidance.view_dependent else None
         with t("diffusion"):
-            loss = g.loss(latents=latents, prompt=cfg.edit_prompt, negative_prompt=cfg.guidance.negative_prompt,
+            loss = g.loss(latents=latents, prompt=sds_prompt(cfg), negative_prompt=cfg.guidance.negative_prompt,
                           mask=mask.to(g.device), azimuth=azimuth, elevation=self.elevation[views],
                           generator=self.noise_generator, **extra)
-        if cfg.guidance.sds_normalize:
-            loss = loss / latents[0].numel()
         return loss.to(self.device)
 
     @torch.no_grad()
