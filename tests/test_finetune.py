@@ -297,3 +297,75 @@ def test_rotary_transformer_like_cogvideox_5b_trains_and_validates(tmp_path):
     summary = trainer.train()
     assert all(np.isfinite(r["loss"]) for r in summary["history"])
     assert (tmp_path / "run" / "validation" / "step-000002_prompt-00.mp4").is_file()
+
+
+class _DeepSpeedWarmupDecayLR:
+    """DeepSpeed's WarmupDecayLR as documented (warmup_type "log", warmup_min_lr 0), stepped by its
+    engine after every optimizer step: a counter from -1 (lr 0), log(i + 1) / log(W) during the
+    warmup, then (T - i) / (T - W)."""
+
+    def __init__(self, max_lr, warmup, total):
+        self.max_lr, self.warmup, self.total, self.i = max_lr, max(2, warmup), total, -1
+
+    def lr(self):
+        if self.i < 0:
+            return 0.0
+        if self.i < self.warmup:
+            return self.max_lr * np.log(self.i + 1) / np.log(self.warmup)
+        return self.max_lr * max(0.0, (self.total - self.i) / (self.total - self.warmup))
+
+    def step(self):
+        self.i += 1
+
+
+@pytest.mark.parametrize("calls_per_step", [1, 2])
+def test_as_run_schedule_is_deepspeeds_warmup_decay(calls_per_step):
+    from gendistill.video_distill.lr_schedules import build_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-4)
+    ours = build_scheduler("warmup_decay_log", opt, warmup_steps=10, total_steps=40, calls_per_step=calls_per_step)
+    ref = _DeepSpeedWarmupDecayLR(1e-4, 10, 40)
+    seen = []
+    for _ in range(45):
+        seen.append((opt.param_groups[0]["lr"], ref.lr()))
+        opt.step()
+        for _ in range(calls_per_step):  # accelerate steps a prepared scheduler once per process
+            ours.step()
+        ref.step()
+    np.testing.assert_allclose([a for a, _ in seen], [b for _, b in seen], rtol=1e-12, atol=1e-15)
+    assert seen[0][0] == seen[1][0] == 0.0 and max(a for a, _ in seen) == pytest.approx(1e-4)
+    assert seen[41][0] == 0.0  # decayed to 0 at total_steps
+
+
+def test_published_configs_train_as_run():
+    """optim.preset as_run: betas (0.9, 0.999) and DeepSpeed's schedule; teacher in fp32; VideoREPA's
+    stride sampling; the 5B run one epoch of openvid_6w4 (2000 steps at 8 x 4)."""
+    from gendistill.video_distill.trainer import check_config
+
+    for name in ("videorepa_2b_sft", "videorepa_5b_lora", "repa_baseline"):
+        cfg = load_config(FinetuneConfig, ROOT / "configs" / "video_distill" / f"{name}.yaml")
+        check_config(cfg)
+        assert cfg.optim.betas == [0.9, 0.999] and cfg.optim.lr_scheduler == "warmup_decay_log", name
+        assert cfg.teacher.dtype == "float32" and cfg.data.frame_sampling == "stride", name
+    assert load_config(FinetuneConfig, ROOT / "configs" / "video_distill" / "videorepa_5b_lora.yaml").max_steps == 2000
+    scripts = load_config(FinetuneConfig, TINY, ["optim.preset=scripts"])
+    assert scripts.optim.betas == [0.9, 0.95] and scripts.optim.lr_scheduler == "constant_with_warmup"
+    with pytest.raises((ConfigError, ValueError), match="optim.preset"):
+        load_config(FinetuneConfig, TINY, ["optim.preset=paper"])
+    with pytest.raises(ValueError, match="optim.lr_scheduler"):
+        check_config(load_config(FinetuneConfig, TINY, ["optim.lr_scheduler=warmup_decay"]))
+
+
+def test_teacher_runs_in_float32_under_mixed_precision(tiny_models, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        cfg = tiny_cfg(tiny_models, tmp_path / "out", "mixed_precision=bf16", "teacher.dtype=float32")
+        trainer = VideoREPATrainer(cfg, data=False)
+        assert trainer.weight_dtype == torch.bfloat16 and trainer.teacher.dtype == torch.float32
+        video = torch.rand(1, cfg.data.num_frames, 3, cfg.data.height, cfg.data.width)
+        assert trainer._encode_clip_batch(video, ["a ball"])["teacher"].dtype == torch.float32
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

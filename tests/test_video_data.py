@@ -67,6 +67,10 @@ def test_frame_sampling_and_resize_crop():
     assert sample_frame_indices(25, 4, "first") == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="has 5 frames, fewer than the 9 needed"):
         sample_frame_indices(5, 9)
+    # VideoREPA's "stride": every (n // 49)-th frame from 0, first 49 kept; a short clip padded with its last
+    assert sample_frame_indices(150, 49, "stride") == [3 * i for i in range(49)]
+    assert sample_frame_indices(99, 49, "stride") == [2 * i for i in range(49)]  # 0..96, not spread to 98
+    assert sample_frame_indices(30, 49, "stride") == list(range(30)) + [29] * 19
     # a 40 x 80 frame to 20 x 20: scaled to 20 x 40, centre columns 10..30 kept
     x = torch.arange(80.0).repeat(40, 1)[None, None].expand(1, 3, 40, 80) / 80
     out = resize_crop(x, 20, 20)

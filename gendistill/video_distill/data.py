@@ -59,7 +59,7 @@ logger = logging.getLogger("gendistill.video_distill")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif", ".m4v")
 _VIDEO_COLUMNS = ("video", "path", "file", "video_path", "filename")
 _CAPTION_COLUMNS = ("caption", "prompt", "text", "title")
-SAMPLING_MODES = ("uniform", "first")
+SAMPLING_MODES = ("uniform", "first", "stride")
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,17 @@ def sample_frame_indices(num_available: int, num_frames: int, mode: str = "unifo
     """Indices of `num_frames` frames out of `num_available`.
 
     "uniform": spread evenly over the whole clip (first and last frame included); "first": the
-    first `num_frames`. Raises ValueError when the clip is shorter than `num_frames`.
+    first `num_frames`; "stride" (VideoREPA as released, `finetune/datasets/utils.py`,
+    `preprocess_video_with_resize_with_frame_idxs`): every (num_available // num_frames)-th frame from
+    frame 0, and a shorter clip padded with its last frame. Raises ValueError when the clip is
+    shorter than `num_frames` ("uniform", "first") or empty.
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"frame sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+    if mode == "stride" and num_available > 0:
+        if num_available < num_frames:
+            return list(range(num_available)) + [num_available - 1] * (num_frames - num_available)
+        return list(range(0, num_available, num_available // num_frames))[:num_frames]
     if num_available < num_frames:
         raise ValueError(f"has {num_available} frames, fewer than the {num_frames} needed")
     if mode == "first" or num_frames == 1:

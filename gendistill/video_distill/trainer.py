@@ -80,6 +80,7 @@ class TeacherConfig:
     num_frames: Optional[int] = 48
     frame_start: int = 1
     image_size: List[int] = field(default_factory=lambda: [160, 240])
+    dtype: Optional[str] = None  # null: the weights' dtype (bf16 / fp16 under mixed precision); float32 (VideoREPA's)
     options: Dict[str, Any] = field(default_factory=dict)  # more load_teacher options (pos_embed, final_norm, ...)
 
 
@@ -113,11 +114,21 @@ class DataConfig:
     num_frames: int = 49
     height: int = 480
     width: int = 720
-    frame_sampling: str = "uniform"  # uniform | first
+    frame_sampling: str = "uniform"  # uniform | first | stride (VideoREPA's, short clips padded)
     shuffle: bool = True
     num_workers: int = 0
     cache: bool = False  # precompute VAE latents, prompt embeddings and teacher tokens
     cache_dir: Optional[str] = None  # default: output_dir/cache
+
+
+# what VideoREPA's runs used: the DeepSpeed config in use (finetune/configs/zero2.yaml) sets AdamW and
+# WarmupDecayLR with only lr and weight decay filled in by accelerate, so AdamW keeps DeepSpeed's betas
+# (0.9, 0.999) and the rate warms up logarithmically, then decays linearly to 0 ("as_run"); the training
+# scripts' own flags, (0.9, 0.95) and constant_with_warmup, which the DeepSpeed config overrides ("scripts")
+OPTIM_PRESETS = {
+    "as_run": {"betas": [0.9, 0.999], "lr_scheduler": "warmup_decay_log"},
+    "scripts": {"betas": [0.9, 0.95], "lr_scheduler": "constant_with_warmup"},
+}
 
 
 @dataclass
@@ -127,10 +138,18 @@ class OptimConfig:
     weight_decay: float = 1e-4
     eps: float = 1e-8
     max_grad_norm: float = 1.0
-    lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
+    lr_scheduler: str = "constant_with_warmup"  # warmup_decay_log (DeepSpeed's) or a diffusers.optimization name
     warmup_steps: int = 100
     num_cycles: int = 1
     power: float = 1.0
+    preset: Optional[str] = None  # OPTIM_PRESETS: sets betas and lr_scheduler (overriding theirs)
+
+    def __post_init__(self):
+        if self.preset is not None:
+            if self.preset not in OPTIM_PRESETS:
+                raise ValueError(f"optim.preset must be one of {sorted(OPTIM_PRESETS)} or null, got {self.preset!r}")
+            for key, value in OPTIM_PRESETS[self.preset].items():
+                setattr(self, key, list(value) if isinstance(value, list) else value)
 
 
 @dataclass
@@ -179,6 +198,14 @@ class FinetuneConfig:
             self.mixed_precision = "no"
 
 
+def _scheduler_names() -> tuple[str, ...]:
+    from diffusers.optimization import SchedulerType
+
+    from gendistill.video_distill.lr_schedules import SCHEDULERS_OF_OURS
+
+    return (*SCHEDULERS_OF_OURS, *(t.value for t in SchedulerType))
+
+
 def check_config(cfg: FinetuneConfig) -> None:
     """Raise ValueError naming the first setting that cannot work."""
     checks = [
@@ -192,6 +219,10 @@ def check_config(cfg: FinetuneConfig) -> None:
         ((cfg.data.num_frames - 1) % 4 == 0, f"data.num_frames must be 4k+1 for CogVideoX's VAE (49, 33, 9...), "
                                              f"got {cfg.data.num_frames}"),
         (len(cfg.optim.betas) == 2, f"optim.betas must be two numbers, got {cfg.optim.betas}"),
+        (cfg.optim.lr_scheduler in _scheduler_names(), f"optim.lr_scheduler must be one of "
+                                                      f"{_scheduler_names()}, got {cfg.optim.lr_scheduler!r}"),
+        (cfg.teacher.dtype in (None, "float32"), f"teacher.dtype must be null (the weights' dtype) or float32, "
+                                                 f"got {cfg.teacher.dtype!r}"),
         (len(cfg.teacher.image_size) == 2, f"teacher.image_size must be [height, width], got {cfg.teacher.image_size}"),
         (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
     ]
@@ -412,7 +443,8 @@ class VideoREPATrainer:
 
             t = cfg.teacher
             self.teacher = load_teacher(t.name, t.path, num_frames=t.num_frames, frame_start=t.frame_start,
-                                        image_size=tuple(t.image_size), dtype=wd, **dict(t.options)).to(dev)
+                                        image_size=tuple(t.image_size),
+                                        dtype=torch.float32 if t.dtype == "float32" else wd, **dict(t.options)).to(dev)
 
     def _cache_settings(self) -> dict:
         cfg = self.cfg
@@ -428,7 +460,7 @@ class VideoREPATrainer:
             t = cfg.teacher
             settings["teacher"] = {"name": t.name, "id": model_identity(t.path) if t.path else None,
                                    "num_frames": t.num_frames, "frame_start": t.frame_start,
-                                   "image_size": list(t.image_size), "options": dict(t.options)}
+                                   "image_size": list(t.image_size), "options": dict(t.options), "dtype": t.dtype}
         return settings
 
     @torch.no_grad()
@@ -493,7 +525,7 @@ class VideoREPATrainer:
                                      seed=self.cfg.seed, shuffle=self.cfg.data.shuffle, start=start)
 
     def _build_student_and_optimizer(self) -> None:
-        from diffusers.optimization import get_scheduler
+        from gendistill.video_distill.lr_schedules import build_scheduler
 
         cfg, acc = self.cfg, self.accelerator
         tr = self.transformer
@@ -525,10 +557,9 @@ class VideoREPATrainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
         # accelerate steps a prepared scheduler once per process per optimizer step
-        lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer,
-                                     num_warmup_steps=cfg.optim.warmup_steps * self.world,
-                                     num_training_steps=cfg.max_steps * self.world,
-                                     num_cycles=cfg.optim.num_cycles, power=cfg.optim.power)
+        lr_scheduler = build_scheduler(cfg.optim.lr_scheduler, optimizer, warmup_steps=cfg.optim.warmup_steps,
+                                       total_steps=cfg.max_steps, calls_per_step=self.world,
+                                       num_cycles=cfg.optim.num_cycles, power=cfg.optim.power)
         if self._distributed_kind == "DEEPSPEED":
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
