@@ -59,7 +59,8 @@ def _random(source: str | None) -> str | None:
 
 
 # teachers loaded from a checkpoint file: the architecture of the checkpoint the shipped configs name
-TEACHER_ARCHS = {"videomaev2": "OpenGVLab/VideoMAEv2-Base"}
+TEACHER_ARCHS = {"videomaev2": "OpenGVLab/VideoMAEv2-Base", "vjepa": "facebook/vjepa-vitl16",
+                 "ominimae": "facebook/omnimae-vitb16", "omnimae": "facebook/omnimae-vitb16"}
 
 
 def _teacher_source(teacher) -> str:
@@ -69,7 +70,7 @@ def _teacher_source(teacher) -> str:
     try:
         return _random(path)
     except FileNotFoundError:
-        if teacher.name in TEACHER_ARCHS and path is not None and Path(str(path)).suffix in (".pth", ".pt", ".bin"):
+        if teacher.name in TEACHER_ARCHS and path is not None and Path(str(path)).suffix in (".pth", ".pt", ".bin", ".tar", ".torch"):
             return RANDOM_PREFIX + TEACHER_ARCHS[teacher.name]
         raise
 

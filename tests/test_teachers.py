@@ -1,6 +1,7 @@
 """Frozen video teachers on tiny in-process models: shapes, freezing, checkpoint conversion, real frames."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -24,12 +25,16 @@ from gendistill.video_distill.teachers import (
     IMAGENET_STD,
     TEACHERS,
     DINOv2Teacher,
+    OmniMAETeacher,
     VideoMAETeacher,
     VJEPA2Teacher,
+    VJEPATeacher,
     _vjepa2_position_ids,
     load_teacher,
     preprocess_video,
 )
+from gendistill.core.architectures import random_model
+from gendistill.video_distill.video_vit import VideoViT, VideoViTConfig, sincos_3d_pos_table
 from gendistill.video_distill.videomaev2 import resize_pos_embed, sinusoid_pos_table
 
 D, HEADS, DEPTH, PATCH, TUBELET = 16, 2, 2, 8, 2
@@ -269,11 +274,204 @@ def test_dinov2_per_frame_drops_prefix_tokens(tmp_path, registers):
                                             eps=model.config.layer_norm_eps), out, rtol=1e-4, atol=1e-5)
 
 
+# -- V-JEPA (v1) and OmniMAE: official checkpoint layouts into our VideoViT ---------------------------------
+VIT_OPTS = dict(num_heads=HEADS, trained_frames=4, trained_size=32)  # pos_embed grid (2, 4, 4)
+
+
+def official_vit_encoder(seed=0):
+    """Encoder weights named as the official ViT names them (jepa src/models/vision_transformer.py)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.2):
+        return torch.randn(*shape, generator=g) * s
+
+    sd = {"pos_embed": r(1, 2 * 4 * 4, D, s=1.0), "patch_embed.proj.weight": r(D, 3, TUBELET, PATCH, PATCH),
+          "patch_embed.proj.bias": r(D), "norm.weight": 1 + r(D), "norm.bias": r(D)}
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+        sd.update({
+            p + "norm1.weight": 1 + r(D), p + "norm1.bias": r(D), p + "attn.qkv.weight": r(3 * D, D),
+            p + "attn.qkv.bias": r(3 * D), p + "attn.proj.weight": r(D, D), p + "attn.proj.bias": r(D),
+            p + "norm2.weight": 1 + r(D), p + "norm2.bias": r(D), p + "mlp.fc1.weight": r(4 * D, D),
+            p + "mlp.fc1.bias": r(4 * D), p + "mlp.fc2.weight": r(D, 4 * D), p + "mlp.fc2.bias": r(D),
+        })
+    return sd
+
+
+def official_vjepa_checkpoint(encoder):
+    """`vitl16.pth.tar`: DDP ("module.") around MultiMaskWrapper ("backbone."), the EMA encoder under
+    "target_encoder" (jepa app/vjepa/train.py), next to the context encoder, predictor and counters."""
+    wrap = lambda sd: {f"module.backbone.{k}": v for k, v in sd.items()}  # noqa: E731
+    return {"encoder": wrap(official_vit_encoder(seed=99)), "target_encoder": wrap(encoder),
+            "predictor": {"module.backbone.predictor_embed.weight": torch.zeros(4, D),
+                          "module.backbone.mask_tokens.0": torch.zeros(1, 1, 4)},
+            "epoch": 300, "loss": 0.12, "batch_size": 24, "world_size": 128, "lr": 6.25e-4}
+
+
+def official_omnimae_checkpoint(encoder):
+    """`vitb_pretrain.torch`: the flat state dict of OmniMAE(trunk, head), the patch Conv3d at index 1 of a
+    Sequential after PadIm2Video, plus the MAE decoder, mask token and head (omnivore omni_mae_model.py)."""
+    sd = {"trunk." + k.replace("patch_embed.proj.", "patch_embed.proj.1."): v for k, v in encoder.items()}
+    sd.update({"trunk.mask_token": torch.zeros(1, D), "trunk.decoder.pos_embed": torch.zeros(1, 32, 8),
+               "trunk.decoder.decoder_embed.weight": torch.zeros(8, D),
+               "trunk.decoder.decoder_embed.bias": torch.zeros(8),
+               "trunk.decoder.decoder_blocks.0.attn.qkv.weight": torch.zeros(24, 8),
+               "trunk.decoder.norm.weight": torch.ones(8), "trunk.decoder.norm.bias": torch.zeros(8),
+               "head.weight": torch.zeros(3 * TUBELET * PATCH * PATCH, 8),
+               "head.bias": torch.zeros(3 * TUBELET * PATCH * PATCH)})
+    return sd
+
+
+OFFICIAL_CHECKPOINTS = {"vjepa": ("vitl16.pth.tar", official_vjepa_checkpoint),
+                        "ominimae": ("vitb_pretrain.torch", official_omnimae_checkpoint)}
+
+
+def save_official(tmp_path, name, encoder):
+    filename, build = OFFICIAL_CHECKPOINTS[name]
+    torch.save(build(encoder), tmp_path / filename)
+    return tmp_path / filename
+
+
+def official_vit_forward(sd, video, pos):
+    """The official encoder on [B, 3, T, H, W] normalized pixels -> [B, N, D], last block, no final norm."""
+    x = F.conv3d(video, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=(TUBELET, PATCH, PATCH))
+    x = x.flatten(2).transpose(1, 2) + pos
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+        y = F.layer_norm(x, (D,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
+        qkv = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(*x.shape[:2], 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (D // HEADS) ** -0.5).softmax(-1)
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(x.shape), sd[p + "attn.proj.weight"],
+                         sd[p + "attn.proj.bias"])
+        y = F.layer_norm(x, (D,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-6)
+        y = F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"],
+                     sd[p + "mlp.fc2.bias"])
+        x = x + y
+    return x
+
+
+def vjepa_interpolate(table, src, dst):
+    """V-JEPA's pos-table resizing, written as in its code: trilinear with scale factors over (t, h, w)."""
+    (t, h, w), (t2, h2, w2) = src, dst
+    x = F.interpolate(table.reshape(1, t, h, w, D).permute(0, 4, 1, 2, 3), scale_factor=(t2 / t, h2 / h, w2 / w),
+                      mode="trilinear")
+    return x.permute(0, 2, 3, 4, 1).reshape(1, -1, D)
+
+
+OFFICIAL_RESIZE = {"vjepa": vjepa_interpolate, "ominimae": videorepa_interpolate}
+
+
+@pytest.mark.parametrize("name", ["vjepa", "ominimae"])
+@pytest.mark.parametrize("frames,size", [(4, (32, 32)), (6, (24, 40))])
+def test_video_vit_official_checkpoint_round_trip(tmp_path, name, frames, size):
+    encoder = official_vit_encoder()
+    path = save_official(tmp_path, name, encoder)
+    teacher = load_teacher(name, path, num_frames=frames, image_size=size, frame_start=1, **VIT_OPTS)
+    # every official encoder tensor, bit for bit, and nothing else (decoder, head, predictor dropped)
+    ours = teacher.model.state_dict()
+    assert set(ours) == set(encoder)
+    assert all(torch.equal(ours[k], v) for k, v in encoder.items())
+
+    video = rand_video(frames + 2, 40, 48)
+    pixels = teacher.preprocess(video)
+    assert torch.equal(pixels, preprocess_video(video[:, 1:frames + 1], num_frames=None, image_size=size))
+    grid = (frames // 2, size[0] // PATCH, size[1] // PATCH)
+    pos = encoder["pos_embed"] if grid == (2, 4, 4) else OFFICIAL_RESIZE[name](encoder["pos_embed"], (2, 4, 4), grid)
+    ref = official_vit_forward(encoder, rearrange(pixels, "b t c h w -> b c t h w"), pos)
+    tokens = teacher(video)
+    assert tokens.shape == (2, *grid, D) and teacher.grid == grid
+    torch.testing.assert_close(tokens, rearrange(ref, "b (t h w) d -> b t h w d", t=grid[0], h=grid[1]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_video_vit_resizing_differs_between_families(tmp_path):
+    """V-JEPA resizes its table trilinearly, VideoREPA's OmniMAE bicubically per frame: same weights, other tokens."""
+    encoder = official_vit_encoder(seed=3)
+    opts = dict(num_frames=6, image_size=(24, 40), **VIT_OPTS)
+    vjepa = load_teacher("vjepa", save_official(tmp_path, "vjepa", encoder), **opts)
+    omni = load_teacher("ominimae", save_official(tmp_path, "ominimae", encoder), **opts)
+    assert type(vjepa) is VJEPATeacher and type(omni) is OmniMAETeacher
+    video = rand_video(7, 24, 40)
+    assert not torch.allclose(vjepa(video), omni(video), atol=1e-3)
+    same = dict(num_frames=4, image_size=32, **VIT_OPTS)  # the trained grid: the table as is, identical tokens
+    torch.testing.assert_close(load_teacher("vjepa", tmp_path / "vitl16.pth.tar", **same)(video),
+                               load_teacher("omnimae", tmp_path / "vitb_pretrain.torch", **same)(video))
+
+
+@pytest.mark.parametrize("name", ["vjepa", "ominimae"])
+def test_video_vit_token_grid_contract(tmp_path, name):
+    path = save_official(tmp_path, name, official_vit_encoder())
+    for frames, size, video_frames in [(6, (16, 40), 8), (2, (48, 24), 3)]:
+        teacher = load_teacher(name, path, num_frames=frames, image_size=size, **VIT_OPTS)
+        out = teacher(rand_video(video_frames, 30, 50))  # frames 1..frames
+        assert out.shape == (2, frames // 2, size[0] // PATCH, size[1] // PATCH, D) and torch.isfinite(out).all()
+        assert out.shape[1:4] == teacher.grid
+    # final_norm: the model's last LayerNorm over the same tokens
+    raw = load_teacher(name, path, num_frames=4, image_size=32, **VIT_OPTS)
+    normed = load_teacher(name, path, num_frames=4, image_size=32, final_norm=True, **VIT_OPTS)
+    video = rand_video(5, 32, 32)
+    torch.testing.assert_close(normed(video), F.layer_norm(raw(video), (D,), normed.model.norm.weight,
+                                                           normed.model.norm.bias, eps=1e-6), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [VJEPATeacher, OmniMAETeacher])
+def test_video_vit_videorepa_defaults(cls):
+    """VideoREPA's input: frames 1..48 of 49 at 160x240, patch 16, tubelet 2 -> a 24 x 10 x 15 grid."""
+    torch.manual_seed(0)
+    cfg = VideoViTConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=32)
+    teacher = cls(VideoViT(cfg))
+    defaults = (teacher.num_frames, teacher.frame_start, teacher.image_size, teacher.final_norm)
+    assert defaults == (48, 1, (160, 240), False)
+    out = teacher(torch.rand(1, 49, 3, 60, 90))
+    assert out.shape == (1, 24, 10, 15, D) and teacher.grid == (24, 10, 15)
+
+
+def test_vjepa_3d_sincos_table_matches_the_official_formula():
+    def sincos(dim, pos):  # jepa src/models/utils/pos_embs.py, uniform_power=True
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=float) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    dim, (t, h, w) = 20, (3, 4, 5)
+    grid_h, grid_d, grid_w = np.meshgrid(np.arange(h, dtype=float), np.arange(t, dtype=float),
+                                         np.arange(w, dtype=float))
+    axis = int(np.ceil(dim / 6) * 2)
+    ref = np.concatenate([sincos(axis, grid_d), sincos(axis, grid_h), sincos(axis, grid_w)], axis=1)[:, :dim]
+    table = sincos_3d_pos_table((t, h, w), dim)
+    assert table.shape == (1, t * h * w, dim)
+    torch.testing.assert_close(table[0], torch.tensor(ref, dtype=torch.float32), rtol=0, atol=1e-6)
+
+
+def test_video_vit_teachers_from_random_configs(tmp_path):
+    import json
+
+    folder = tmp_path / "tiny_vjepa"
+    folder.mkdir()
+    cfg = VideoViTConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=32,
+                         patch_size=PATCH, num_frames=4, image_size=32, pos_embed="sincos_3d",
+                         pos_interpolation="trilinear")
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    teacher = load_teacher("vjepa", f"random:{folder}", num_frames=6, image_size=(16, 24))
+    assert teacher.model.config == cfg
+    torch.testing.assert_close(teacher.model.pos_embed, sincos_3d_pos_table((2, 4, 4), D))
+    assert teacher(rand_video(7, 16, 24)).shape == (2, 3, 2, 3, D)
+    # the shipped architecture configs: full size on the meta device
+    for source, width, params in [("facebook/vjepa-vitl16", 1024, 303_885_312),
+                                  ("facebook/omnimae-vitb16", 768, 86_236_416)]:
+        model = random_model(VideoViT, f"random:{source}", device="meta")
+        assert model.pos_embed.shape == (1, 8 * 14 * 14, width)
+        assert sum(p.numel() for p in model.parameters()) == params
+    with pytest.raises(ValueError, match="unknown VideoViTConfig keys.*'hidden'"):
+        VideoViTConfig.from_dict({"hidden": 3})
+
+
 # -- errors -------------------------------------------------------------------------------------------
 def test_unknown_teacher_lists_known_names():
-    with pytest.raises(KeyError, match="known: dinov2, videomae, videomaev2, vjepa2"):
+    with pytest.raises(KeyError, match="known: dinov2, ominimae, omnimae, videomae, videomaev2, vjepa, vjepa2"):
         load_teacher("sora", "x")
-    assert {"videomae", "videomaev2", "vjepa2", "dinov2"} <= set(TEACHERS)
+    assert {"videomae", "videomaev2", "vjepa", "ominimae", "vjepa2", "dinov2"} <= set(TEACHERS)
+    assert TEACHERS["omnimae"] is TEACHERS["ominimae"] is OmniMAETeacher
 
 
 def test_missing_model_says_how_to_provide_it_offline(tmp_path):
@@ -284,6 +482,36 @@ def test_missing_model_says_how_to_provide_it_offline(tmp_path):
         load_teacher("videomaev2", tmp_path / "vit_b_k710_dl_from_giant.pth")
     with pytest.raises(FileNotFoundError, match="checkpoint path"):
         load_teacher("videomaev2")
+    for name, url in [("vjepa", "jepa/vitl16/vitl16.pth.tar"), ("ominimae", "omnimae_ckpts/vitb_pretrain.torch")]:
+        with pytest.raises(FileNotFoundError, match=f"not found.*{url}"):
+            load_teacher(name, tmp_path / "missing.pth")
+        with pytest.raises(FileNotFoundError, match=f"needs a checkpoint path.*{url}"):
+            load_teacher(name)
+
+
+def test_video_vit_checkpoint_with_wrong_keys_names_file_and_keys(tmp_path):
+    # a VideoMAEv2 checkpoint (q_bias / v_bias, no stored table, no final norm) is not a V-JEPA one
+    torch.save({"module": official_state_dict()}, tmp_path / "vit_b_k710_dl_from_giant.pth")
+    with pytest.raises(ValueError) as err:
+        load_teacher("vjepa", tmp_path / "vit_b_k710_dl_from_giant.pth", **VIT_OPTS)
+    msg = str(err.value)
+    assert "vit_b_k710_dl_from_giant.pth" in msg and "V-JEPA" in msg
+    missing, unexpected = (set(keys.split(", ")) for keys in re.findall(r"keys \[([^\]]*)\]", msg))
+    assert missing == {"blocks.0.attn.qkv.bias", "blocks.1.attn.qkv.bias", "norm.weight", "norm.bias", "pos_embed"}
+    assert {"blocks.0.attn.q_bias", "blocks.1.attn.v_bias", "fc_norm.weight", "head.weight"} <= unexpected
+    assert not unexpected & set(official_vit_encoder())
+    # an OmniMAE file given to "vjepa": its keys keep "trunk.", so there is no patch embedding
+    omni = save_official(tmp_path, "ominimae", official_vit_encoder())
+    with pytest.raises(ValueError, match=r"vitb_pretrain\.torch is not a V-JEPA encoder checkpoint: no "
+                                         r"'patch_embed\.proj\.weight'.*trunk\."):
+        load_teacher("vjepa", omni, **VIT_OPTS)
+    # a V-JEPA file given to "ominimae": tensors only inside "target_encoder" / "encoder"
+    vjepa = save_official(tmp_path, "vjepa", official_vit_encoder())
+    with pytest.raises(ValueError, match=r"vitl16\.pth\.tar holds no OmniMAE encoder weights.*'target_encoder'"):
+        load_teacher("ominimae", vjepa, **VIT_OPTS)
+    # the right file with the wrong training input: the table does not fit
+    with pytest.raises(ValueError, match=r"pos_embed has 32 positions.*trained_size=48 give 72"):
+        load_teacher("vjepa", vjepa, num_heads=HEADS, trained_frames=4, trained_size=48)
 
 
 def test_too_few_frames_is_an_error():

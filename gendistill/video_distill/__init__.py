@@ -10,6 +10,8 @@ __all__ = [
     "VideoMAEv2Teacher",
     "VideoTeacher",
     "VJEPA2Teacher",
+    "VJEPATeacher",
+    "OmniMAETeacher",
     "load_teacher",
     "preprocess_video",
 ]

@@ -10,8 +10,10 @@ Every teacher owns its preprocessing (`teacher.preprocess`): frame selection
 
 Registry entries (`TEACHERS`, add more with `@TEACHERS.register("name")`):
 "videomae" (transformers `VideoMAEModel`), "videomaev2" (official VideoMAEv2 checkpoint converted to
-`VideoMAEModel`), "vjepa2" (transformers `VJEPA2Model`, encoder only), "dinov2" (transformers
-`Dinov2Model` / `Dinov2WithRegistersModel` per frame, CLS and register tokens dropped).
+`VideoMAEModel`), "vjepa" (official V-JEPA v1 checkpoint, `video_vit.VideoViT`), "ominimae" / "omnimae"
+(official OmniMAE checkpoint, `video_vit.VideoViT`), "vjepa2" (transformers `VJEPA2Model`, encoder
+only), "dinov2" (transformers `Dinov2Model` / `Dinov2WithRegistersModel` per frame, CLS and register
+tokens dropped).
 VideoREPA takes the last block's tokens without the final norm for the video models
 (`final_norm=False`) and DINOv2's normed patch tokens (`final_norm=True`).
 """
@@ -30,6 +32,7 @@ from torch import nn
 
 from gendistill.core.architectures import is_random, random_model
 from gendistill.registry import Registry
+from gendistill.video_distill.video_vit import FAMILIES, VideoViT, load_video_vit
 from gendistill.video_distill.videomaev2 import VIDEOMAEV2_HELP, adapt_videomae_input, load_videomaev2
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "VideoTeacher",
     "VideoMAETeacher",
     "VideoMAEv2Teacher",
+    "VJEPATeacher",
+    "OmniMAETeacher",
     "VJEPA2Teacher",
     "DINOv2Teacher",
     "load_teacher",
@@ -273,6 +278,73 @@ def _load_official(source, *, dtype=None, num_heads=None, trained_frames=16, tra
                            weights_only=weights_only, dtype=dtype)
 
 
+# -- official V-JEPA (v1) and OmniMAE checkpoints: our VideoViT ------------------------------------
+class _VideoViTTeacher(VideoTeacher):
+    """A `video_vit.VideoViT` loaded from an official checkpoint of `family`.
+
+    VideoREPA: frames 1..48 of 49 at 160x240 (bicubic), ImageNet normalization, the position table
+    resized from its 16 x 224 grid, the last block's tokens without the final norm ->
+    [B, 24, 10, 15, D].
+    """
+
+    family = ""
+
+    def __init__(self, model: VideoViT, *, num_frames: int | None = None, image_size=None,
+                 frame_start: int | None = None, final_norm: bool | None = None, **kwargs):
+        cfg = model.config
+        super().__init__(
+            model, num_frames=self.default_num_frames if num_frames is None else num_frames,
+            image_size=self.default_image_size if image_size is None else image_size,
+            tubelet_size=cfg.tubelet_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+            frame_start=self.default_frame_start if frame_start is None else frame_start,
+            final_norm=self.default_final_norm if final_norm is None else final_norm, **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(cls, source=None, *, dtype: torch.dtype | None = None, num_heads: int | None = None,
+                        trained_frames: int = 16, trained_size: int = 224, weights_only: bool | None = None,
+                        **options) -> "_VideoViTTeacher":
+        """source: the official checkpoint file, or `random:<config folder or id>` (random weights).
+
+        trained_frames, trained_size: the input the checkpoint was trained on (16 x 224 officially).
+        """
+        if source is None:
+            fam = FAMILIES[cls.family]
+            raise FileNotFoundError(f"the {fam.title} teacher needs a checkpoint path. {fam.help}")
+        model = load_video_vit(source, cls.family, num_heads=num_heads, trained_frames=trained_frames,
+                               trained_size=trained_size, weights_only=weights_only, dtype=dtype)
+        return cls(model, **options)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, T, 3, h, w] (normalized) -> [B, T/tubelet, h/p, w/p, D]."""
+        video = rearrange(pixels.to(self.dtype), "b t c h w -> b c t h w")
+        return self._tokens_to_grid(self.model(video, final_norm=self.final_norm), pixels)
+
+
+@TEACHERS.register("vjepa")
+class VJEPATeacher(_VideoViTTeacher):
+    """V-JEPA v1 (facebookresearch/jepa), ViT-L/16, tubelet 2, from `vitl16.pth.tar` ("target_encoder").
+
+    Its position table is resized by one trilinear interpolation (as the official encoder does);
+    tokens [B, 24, 10, 15, 1024] at VideoREPA's input.
+    """
+
+    family = "vjepa"
+
+
+@TEACHERS.register("omnimae")
+@TEACHERS.register("ominimae")
+class OmniMAETeacher(_VideoViTTeacher):
+    """OmniMAE (facebookresearch/omnivore), ViT-B/16, tubelet 2, from `vitb_pretrain.torch` ("trunk.*").
+
+    "ominimae" is VideoREPA's spelling (`--align_models OminiMAE`). Its sinusoidal table is resized
+    per frame bicubically, then linearly in time (VideoREPA's change to the official code); tokens
+    [B, 24, 10, 15, 768] at VideoREPA's input.
+    """
+
+    family = "omnimae"
+
+
 # -- V-JEPA 2 ---------------------------------------------------------------------------------------
 def _vjepa2_position_ids(attn: nn.Module, grid_hw: tuple[int, int], x: torch.Tensor, masks=None):
     """(frame, row, col) ids of flattened tokens for an h x w patch grid (transformers assumes square)."""
@@ -397,9 +469,10 @@ def load_teacher(name: str, path_or_hub_id: str | os.PathLike | None = None, **o
     """A frozen teacher from the registry: `TEACHERS[name].from_pretrained(path_or_hub_id, **options)`.
 
     Args:
-        name: "videomae", "videomaev2", "vjepa2", "dinov2" or a plugin's entry.
-        path_or_hub_id: a hub id, a local folder, or (videomaev2) a checkpoint file; None takes the
-            entry's default hub id where it has one.
+        name: "videomae", "videomaev2", "vjepa", "ominimae" (or "omnimae"), "vjepa2", "dinov2" or a
+            plugin's entry.
+        path_or_hub_id: a hub id, a local folder, or (videomaev2, vjepa, ominimae) a checkpoint file;
+            None takes the entry's default hub id where it has one.
         options: teacher options (num_frames, image_size, frame_start, final_norm, pos_embed,
             dtype, ...) as the entry's `from_pretrained` documents.
     """
