@@ -274,6 +274,22 @@ def test_dinov2_per_frame_drops_prefix_tokens(tmp_path, registers):
                                             eps=model.config.layer_norm_eps), out, rtol=1e-4, atol=1e-5)
 
 
+def test_dinov2_time_pool_is_the_released_repa_baseline():
+    """time_pool=4 on 9 frames: frame 0 kept, frames 1-4 and 5-8 averaged (VideoREPA's REPA baseline pools
+    49 -> 1 + 48 / 4 = 13 on the teacher side)."""
+    model = tiny_dinov2()
+    every = DINOv2Teacher(model, num_frames=9, image_size=(28, 42))
+    pooled = DINOv2Teacher(model, num_frames=9, image_size=(28, 42), time_pool=4)
+    video = rand_video(9, 30, 50)
+    full, out = every(video), pooled(video)
+    assert pooled.grid == (3, 2, 3) == tuple(out.shape[1:4])
+    torch.testing.assert_close(out[:, 0], full[:, 0])
+    torch.testing.assert_close(out[:, 1], full[:, 1:5].mean(1))
+    torch.testing.assert_close(out[:, 2], full[:, 5:9].mean(1))
+    with pytest.raises(ValueError, match="time_pool=4 needs num_frames"):
+        DINOv2Teacher(model, num_frames=8, image_size=(28, 42), time_pool=4)
+
+
 # -- V-JEPA (v1) and OmniMAE: official checkpoint layouts into our VideoViT ---------------------------------
 VIT_OPTS = dict(num_heads=HEADS, trained_frames=4, trained_size=32)  # pos_embed grid (2, 4, 4)
 

@@ -420,7 +420,10 @@ class DINOv2Teacher(VideoTeacher):
 
     Tokens [B, F, h/14, w/14, D] (tubelet 1), CLS and register tokens dropped; VideoREPA's REPA
     baseline uses all 49 frames at 420x630 and the normed patch tokens (`final_norm=True`).
-    chunk_size: frames per forward, to bound memory.
+    chunk_size: frames per forward, to bound memory. time_pool: k > 1 keeps the first frame's tokens
+    and averages the following F - 1 frames in groups of k -> [B, 1 + (F - 1) / k, ...]: the REPA
+    baseline as released pools 49 frames to CogVideoX's 13 latent frames on the teacher side
+    (`lora_trainer.py`, DINOv2 branch) instead of stretching the student.
     """
 
     default_hub_id = "facebook/dinov2-base"
@@ -430,7 +433,8 @@ class DINOv2Teacher(VideoTeacher):
     default_final_norm = True
 
     def __init__(self, model: nn.Module, *, num_frames: int | None = None, image_size=None,
-                 frame_start: int | None = None, final_norm: bool | None = None, chunk_size: int = 128, **kwargs):
+                 frame_start: int | None = None, final_norm: bool | None = None, chunk_size: int = 128,
+                 time_pool: int = 1, **kwargs):
         cfg = model.config
         super().__init__(
             model, num_frames=self.default_num_frames if num_frames is None else num_frames,
@@ -441,6 +445,15 @@ class DINOv2Teacher(VideoTeacher):
         )
         self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         self.chunk_size = int(chunk_size)
+        self.time_pool = int(time_pool)
+        if self.time_pool < 1 or (self.time_pool > 1 and (self.num_frames is None
+                                                         or (self.num_frames - 1) % self.time_pool)):
+            raise ValueError(f"time_pool={time_pool} needs num_frames = 1 + a multiple of it, got {self.num_frames}")
+
+    @property
+    def grid(self) -> tuple[int | None, int, int]:
+        t, h, w = super().grid
+        return (t if self.time_pool == 1 else 1 + (t - 1) // self.time_pool), h, w
 
     @classmethod
     def from_pretrained(cls, source=None, *, dtype: torch.dtype | None = None, load_kwargs: dict | None = None,
@@ -462,7 +475,11 @@ class DINOv2Teacher(VideoTeacher):
             outs.append(x[:, self.num_prefix_tokens:])
         x = torch.cat(outs)
         h, w = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
-        return rearrange(x, "(b f) (h w) d -> b f h w d", b=b, h=h, w=w)
+        x = rearrange(x, "(b f) (h w) d -> b f h w d", b=b, h=h, w=w)
+        if self.time_pool > 1:
+            rest = rearrange(x[:, 1:], "b (t k) h w d -> b t k h w d", k=self.time_pool).mean(2)
+            x = torch.cat([x[:, :1], rest], dim=1)
+        return x
 
 
 def load_teacher(name: str, path_or_hub_id: str | os.PathLike | None = None, **options) -> VideoTeacher:
