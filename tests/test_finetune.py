@@ -369,3 +369,47 @@ def test_teacher_runs_in_float32_under_mixed_precision(tiny_models, tmp_path):
         assert trainer._encode_clip_batch(video, ["a ball"])["teacher"].dtype == torch.float32
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_released_videorepa_transformer_and_heads_load(tiny_models, tmp_path):
+    """A transformer saved as VideoREPA releases it (CogVideoXTransformer3DModelAlign: the heads inside its
+    state dict as projectors.0.* and downsampler_cogvideo_output.*) loads into ours: the transformer
+    through from_pretrained, the heads through align.heads."""
+    import shutil
+
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import save_file
+
+    from gendistill.video_distill.heads import OFFICIAL_KEYS
+
+    release = tmp_path / "cogvideox-2b-infer"
+    shutil.copytree(tiny_models["cogvideox"], release)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    ours = VideoREPATrainer(tiny_cfg(tiny_models, tmp_path / "a"), data=False)
+    g = torch.Generator().manual_seed(3)
+    official = {}
+    for key, value in ours.student.state_dict().items():
+        for off, mine in OFFICIAL_KEYS.items():
+            if key.startswith(mine):
+                official[off + key[len(mine):]] = torch.randn(value.shape, generator=g)
+    assert len(official) == 8  # three Linear layers and the conv, weight and bias each
+    weights = next((release / "transformer").glob("*.safetensors"))
+    save_file({**load_file(str(weights)), **official}, str(weights))
+    config = json.loads((release / "transformer" / "config.json").read_text())
+    config.update(_class_name="CogVideoXTransformer3DModelAlign", align_dims=[16], projector_dim=32)
+    (release / "transformer" / "config.json").write_text(json.dumps(config))
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = tiny_cfg(tiny_models, tmp_path / "b", f"model.pretrained={release}",
+                   f"align.heads={release / 'transformer'}")
+    trainer = VideoREPATrainer(cfg, data=False)
+    state = trainer.student.state_dict()
+    for off, mine in OFFICIAL_KEYS.items():
+        for key in [k for k in official if k.startswith(off)]:
+            torch.testing.assert_close(state[mine + key[len(off):]].float(), official[key])
+    torch.testing.assert_close(state["transformer.proj_out.weight"].float(),
+                               ours.student.state_dict()["transformer.proj_out.weight"].float())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    bad = tiny_cfg(tiny_models, tmp_path / "c", f"align.heads={tiny_models['cogvideox']}/transformer")
+    with pytest.raises(ValueError, match="no alignment heads"):
+        VideoREPATrainer(bad, data=False)

@@ -97,6 +97,7 @@ class AlignConfig:
     kernel_size: int = 3
     drop_first_frame: bool = True
     temporal: str = "linear"
+    heads: Optional[str] = None  # start the projector / aligner from ours or a released VideoREPA transformer (heads.py)
 
 
 @dataclass
@@ -552,6 +553,10 @@ class VideoREPATrainer:
             aligner = GridAligner(d_t, d_t, mode=cfg.align.downsampler, drop_first_frame=cfg.align.drop_first_frame,
                                   kernel_size=cfg.align.kernel_size, temporal=cfg.align.temporal)
         student = AlignedStudent(tr, projector, aligner, cfg.align.align_layer).to(self.device)
+        if cfg.align.heads and projector is not None:
+            from gendistill.video_distill.heads import load_heads
+
+            load_heads(student, cfg.align.heads)
         params = [p for p in student.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
