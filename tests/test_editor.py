@@ -13,18 +13,18 @@ import torch
 from plyfile import PlyData
 
 from gendistill.config import ConfigError
+from gendistill.cli import main as cli_main
 from gendistill.core.cameras import orbit_path
+from gendistill.core.render import RestCache, render_part
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit import editor as editor_mod
-from gendistill.splat_edit import part_render
-from gendistill.cli import main as cli_main
 from gendistill.splat_edit.edit_config import load_edit_config
 from gendistill.splat_edit.editor import (
+    activated,
     background_gaussians,
     camera_angles,
     pick_anchor_views,
     remove_prior,
-    render_part,
     run_edit,
     write_tiny_pipeline,
 )
@@ -255,6 +255,27 @@ def test_anchor_loss_pulls_the_part_to_its_target(models, tmp_path):
     assert torch.equal(scene.sh[keep], editor.scene.sh[keep])  # the rest never moves
 
 
+def test_a_plugin_backend_renders_the_edit(models, tmp_path, monkeypatch):
+    """A render backend registered from outside the package runs the editor (through the cached-rest path):
+    the same steps as the torch backend, whose compositor it wraps."""
+    from gendistill.core.render import BACKENDS
+    from gendistill.splat_edit.editor import prepare_edit
+
+    from test_render import ToyBackend
+
+    toy = ToyBackend()
+    monkeypatch.setitem(BACKENDS, "toy", toy)
+    history = {}
+    for backend in ("toy", "torch"):
+        cfg = load_edit_config(CONFIG, _overrides(tmp_path / backend, models, "steps=2", "densify.enabled=false",
+                                                  "anchors.method=none", f"backend={backend}"))
+        editor, _ = prepare_edit(cfg, progress=False)
+        for _ in range(cfg.steps):
+            editor.step()
+        history[backend] = [(r["loss"], r["sds"]) for r in editor.history]
+    assert toy.calls >= 2 and history["toy"] == history["torch"]
+
+
 def test_galp_segmentation_then_reuse(tmp_path):
     """3D-GALP from a 2D mask folder (as `gendistill segment`), then the same mask from its outputs."""
     from gendistill.splat_edit.edit_inputs import load_scene, make_cameras, segment_part
@@ -294,12 +315,12 @@ def test_cached_rest_renders_exactly_as_a_full_render(backend, opaque):
     cams = orbit_path((lo + hi).double() / 2, 2.6 * float((hi - lo).norm()) / 2, 5, elevation_deg=25, width=40,
                       height=34)
     cams = type(cams).cat([cams, orbit_path((lo + hi).double() / 2, 0.4, 1, elevation_deg=0, width=40, height=34)])
-    act = lambda m: part_render.activated(scene.means[m], scene.quats[m], scene.log_scales[m],  # noqa: E731
+    act = lambda m: activated(scene.means[m], scene.quats[m], scene.log_scales[m],  # noqa: E731
                                           scene.opacity_logits[m], scene.sh[m])
     rest = act(~hat)
     part = {k: v.clone().requires_grad_(True) for k, v in act(hat).items()}
     bg = torch.tensor([0.2, 0.5, 0.9])
-    cache = part_render.RestCache()
+    cache = RestCache()
 
     def render(c, cache):
         rgb, cov, meta = render_part(rest, part, c, sh_degree=scene.sh_degree, background=bg, backend=backend,
@@ -322,7 +343,7 @@ def test_cached_rest_renders_exactly_as_a_full_render(backend, opaque):
     # a float64 rest with the editor's float32 part parameters
     rest64 = {k: v.double() for k, v in rest.items()}
     rgb64, cov64, _ = render_part(rest64, part, cams, sh_degree=scene.sh_degree, background=bg, backend=backend,
-                                  rest_cache=part_render.RestCache())
+                                  rest_cache=RestCache())
     assert rgb64.dtype == torch.float64 and torch.allclose(rgb64.float(), full[0], atol=1e-3)
 
 
@@ -347,7 +368,7 @@ def test_cached_rest_edge_cases_render_as_a_full_render(backend):
     bg = torch.tensor([0.0, 0.0, 1.0])
     for rest in (needle, behind):
         whole = render_part(rest, part, cams, sh_degree=0, background=bg, backend=backend)
-        cache = part_render.RestCache()
+        cache = RestCache()
         for _ in range(2):  # fills the cache, then uses it
             cached = render_part(rest, part, cams, sh_degree=0, background=bg, backend=backend, rest_cache=cache)
         assert len(cache.entries) == 1
@@ -363,11 +384,11 @@ def test_cached_torch_render_on_cuda_matches_gsplat():
     lo, hi = scene.bbox(0.01)
     cams = orbit_path((lo + hi).double().cpu() / 2, 2.6 * float((hi - lo).norm()) / 2, 4, elevation_deg=25, width=64,
                       height=64)
-    act = lambda m: part_render.activated(scene.means[m], scene.quats[m], scene.log_scales[m],  # noqa: E731
+    act = lambda m: activated(scene.means[m], scene.quats[m], scene.log_scales[m],  # noqa: E731
                                           scene.opacity_logits[m], scene.sh[m])
     rest, part = act(~hat), act(hat)
     bg = torch.tensor([0.2, 0.5, 0.9], device="cuda")
-    cache = part_render.RestCache()
+    cache = RestCache()
     out = {}
     for backend, c in (("gsplat", None), ("torch", cache), ("torch", cache)):
         out[backend] = render_part(rest, part, cams, sh_degree=scene.sh_degree, background=bg, backend=backend,

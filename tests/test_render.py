@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gendistill.core.render import BACKENDS, project_gaussians, rasterize, select_backend
+from gendistill.core.render import BACKENDS, RenderBackend, project_gaussians, rasterize, select_backend
 from gendistill.core.render import torch_backend
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -327,11 +327,12 @@ def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
     assert select_backend("torch", torch.zeros(1)) == "torch"
     calls = []
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return BACKENDS["torch"](*args, **kwargs)
+    class Spy(RenderBackend):
+        def rasterize(self, *args, **kwargs):
+            calls.append(kwargs)
+            return BACKENDS["torch"].rasterize(*args, **kwargs)
 
-    monkeypatch.setitem(BACKENDS, "cpu", spy)
+    monkeypatch.setitem(BACKENDS, "cpu", Spy())
     scene, cfg = make_scene(seed=14, n=10)
     call(scene, cfg)  # backend="auto"
     assert len(calls) == 1
@@ -441,3 +442,26 @@ def test_compiled_projection_matches_torch(case):
     assert torch.equal(r0, r1) and (r0 > 0).any()
     for a, b in zip(out0 + list(g0), out1 + list(g1)):
         assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+class ToyBackend(RenderBackend):
+    """A backend from outside the package: the torch compositor, counted."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def composite(self, *args, **kwargs):
+        self.calls += 1
+        return torch_backend.rasterize_to_pixels_torch(*args, **kwargs)
+
+
+def test_a_plugin_backend_renders_through_rasterize(monkeypatch):
+    toy = ToyBackend()
+    monkeypatch.setitem(BACKENDS, "toy", toy)  # what BACKENDS.register("toy")(ToyBackend()) does in a plugin
+    scene, cfg = make_scene(seed=21, n=40, n_cams=2)
+    ours, alphas, meta = call(scene, cfg, backend="toy", render_mode="RGB+ED")
+    ref, ref_alphas, _ = call(scene, cfg, backend="torch", render_mode="RGB+ED")
+    assert toy.calls == 1 and torch.equal(ours, ref) and torch.equal(alphas, ref_alphas)
+    assert meta["means2d"].shape == (2, 40, 2)
+    with pytest.raises(KeyError, match="unknown render backend 'nope'; known: .*toy"):
+        call(scene, cfg, backend="nope")

@@ -13,7 +13,7 @@
    InstructPix2Pix pipeline for ip2p guidance); part Gaussians whose target pixel is background go.
 5. `PartEditor`: N steps of L = lambda_sds * masked SDS (random ring views) + lambda_anchor * masked
    L1 (anchor renders vs targets). Only the part's Gaussians are parameters (rendered with the
-   frozen rest by `part_render.render_part`), so every other Gaussian keeps its exact bytes; gsplat's DefaultStrategy
+   frozen rest by `gendistill.core.render.render_part`), so every other Gaussian keeps its exact bytes; gsplat's DefaultStrategy
    densifies and prunes them; RoMaP's per-parameter learning rates.
 6. outputs (`gendistill.splat_edit.report`): edited.ply, masks, targets, grid, turntable, loss
    curve, summary.json, report.html. SIGINT / SIGTERM stop after the current step and still write
@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gendistill.core.cameras import Cameras
+from gendistill.core.render import RestCache, render_part
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit.edit_config import EditConfig
-from gendistill.splat_edit.part_render import RestCache, activated, render_part
 from gendistill.splat_edit.edit_inputs import (
     camera_angles,
     check_inputs,
@@ -55,7 +55,7 @@ from gendistill.splat_edit.edit_inputs import (
 )
 
 __all__ = [
-    "run_edit", "prepare_edit", "remove_prior", "sds_prompt", "render_part", "dilate", "pick_anchor_views", "make_anchor_targets",
+    "run_edit", "prepare_edit", "remove_prior", "sds_prompt", "activated", "dilate", "pick_anchor_views", "make_anchor_targets",
     "background_gaussians", "anchor_stage", "PartEditor", "Anchors", "StopRequest", "EditResult",
     # re-exported from edit_inputs
     "check_inputs", "make_cameras", "camera_angles", "visible_gaussians", "segment_part", "load_edit_guidance",
@@ -64,6 +64,12 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- prior removal, rendering
+def activated(means, quats, log_scales, opacity_logits, sh) -> dict[str, Tensor]:
+    """The tensors `render_part` takes: scales exp(log_scales), opacities sigmoid(logits)."""
+    return {"means": means, "quats": quats, "scales": log_scales.exp(), "opacities": torch.sigmoid(opacity_logits),
+            "sh": sh}
+
+
 def remove_prior(sh: Tensor, mask: Tensor, terms: str = "dc") -> Tensor:
     """A copy of sh [N, K, 3] with the masked Gaussians' SH DC term ("dc", RoMaP: base colour neutral
     grey 0.5, view-dependent terms kept) or every coefficient ("all": grey from every side) zero."""
