@@ -13,6 +13,7 @@ from gendistill.splat_edit.galp import (
     LabelField,
     codes_within,
     contribution_weights,
+    knn_query,
     label_softness,
     labelled_scene,
     mask_colors,
@@ -21,6 +22,8 @@ from gendistill.splat_edit.galp import (
     neighbor_loss,
     part_colors,
     render_labels,
+    romap_neighbor_loss,
+    romap_softness,
     select_anchors,
     train_label_field,
     view_contributions,
@@ -248,3 +251,138 @@ def test_lower_sh_degree_and_empty_part_warns():
     assert any("'right' is empty" in str(w.message) for w in rec)
     assert field.label_sh.shape == (len(scene), 4, 3)
     assert math.isfinite(field.step())
+
+
+# ---------------------------------------------------------------------- the "romap" variant (released code)
+def test_variant_config_errors_name_the_key():
+    assert GALPConfig().variant == "ours" and GALPConfig().first_neighbor_step == 0
+    assert GALPConfig(variant="romap").first_neighbor_step == 51  # official `global_step > 50`
+    assert GALPConfig(variant="romap", neighbor_start=3).first_neighbor_step == 3
+    for bad, key in (({"variant": "paper"}, "GALPConfig.variant"),
+                     ({"neighbor_start": -1}, "GALPConfig.neighbor_start"),
+                     ({"knn_max_points": 0}, "GALPConfig.knn_max_points"),
+                     ({"foreground_only": "yes"}, "GALPConfig.foreground_only")):
+        with pytest.raises(ValueError, match=key):
+            GALPConfig(**bad)
+    scene, ids = two_part_scene(20)
+    cams = ring(2, 24)
+    with pytest.raises(ValueError, match="recompute_targets.*mask_fn"):
+        LabelField(scene, cams, truth_part_masks(scene, cams, ids, 2), ["a", "b"], GALPConfig(recompute_targets=True))
+
+
+def test_romap_neighbor_loss_sums_channels_and_moves_both_sides():
+    dc = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.5], [2.0, 0.0, 0.0], [9.0, 9.0, 9.0]], requires_grad=True)
+    anchors = torch.tensor([0])
+    nbrs = torch.tensor([[0, 1, 2]])  # the anchor itself first, as the official kNN returns it
+    loss = romap_neighbor_loss(dc, anchors, nbrs)
+    assert loss.item() == pytest.approx((0.0 + 2.5 + 2.0) / 3)  # raw DC, summed over channels, mean over pairs
+    loss.backward()
+    assert dc.grad[1].abs().sum() > 0 and dc.grad[2].abs().sum() > 0  # neighbours move too
+    assert dc.grad[0].abs().sum() > 0 and dc.grad[3].abs().sum() == 0
+    assert torch.allclose(dc.grad[2], torch.tensor([1.0, 0.0, 0.0]) / 3)
+    # ours on the same numbers: colour space, channel mean, detached neighbour mean: a different value
+    ours = neighbor_loss(dc.detach(), anchors, torch.tensor([[1, 2], [0, 2], [0, 1], [0, 1]]))
+    assert ours.item() != pytest.approx(loss.item())
+
+
+def test_knn_query_includes_self():
+    pts = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [3.0, 0, 0], [10.0, 0, 0]])
+    idx = knn_query(pts, pts[[0, 2]], 3)
+    assert idx.tolist() == [[0, 1, 2], [2, 1, 0]]
+    assert knn_query(pts, pts[:1], 10).shape == (1, 4)
+
+
+def test_romap_softness_matches_independent_computation():
+    g = torch.Generator().manual_seed(0)
+    colors = part_colors(3).double()
+    raw = torch.randn(5, 40, 3, generator=g, dtype=torch.float64)  # [C, N, 3] per-view raw SH values
+    dc = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    dc[0] = -1.0  # opposite to every code: black (cos 0) wins its softmax
+    s = romap_softness(raw, dc, colors)
+    # independent: numpy, codes plus black, entropy clamped at its 10th percentile, channel-mean variance
+    import numpy as np
+
+    codes = np.concatenate([colors.numpy(), np.zeros((1, 3))])
+    d = dc.numpy()
+    cos = np.array([[0.0 if not c.any() else (x @ c) / (np.linalg.norm(x) * np.linalg.norm(c)) for c in codes]
+                    for x in d])
+    p = np.exp(cos) / np.exp(cos).sum(1, keepdims=True)
+    h = -(p * np.log(p + 1e-8)).sum(1)
+    h = np.minimum(h, np.quantile(h, 0.1))
+    v = raw.numpy().var(0).mean(-1)
+    want = h * v
+    want = (want - want.min()) / (want.max() - want.min() + 1e-6)
+    assert np.allclose(s.numpy(), want, atol=1e-12)
+    assert p[0].argmax() == 3 and (h < h.max()).sum() <= 4  # black in the softmax; H clamped for ~90%
+
+
+def test_romap_init_and_neighbor_start():
+    scene, ids = two_part_scene(60)
+    cams = ring(2, 24)
+    masks = truth_part_masks(scene, cams, ids, 2)
+    cfg = GALPConfig(variant="romap", steps=5, n_anchors=20, knn=5, softness_every=2, neighbor_start=3, sh_degree=1)
+    field = LabelField(scene, cams, masks, ["a", "b"], cfg)
+    assert torch.equal(field.label_sh[:, 0], torch.full((len(scene), 3), 0.5))  # raw DC 0.5
+    assert field.label_sh[:, 1:].abs().sum() == 0
+    assert LabelField(scene, cams, masks, ["a", "b"], GALPConfig(sh_degree=1)).label_sh.abs().sum() == 0  # ours
+    nb = []
+    for _ in range(5):
+        field.step()
+        nb.append(field.last_losses["neighbor"])
+    assert nb[:3] == [0.0, 0.0, 0.0] and nb[3] > 0 and nb[4] > 0
+    assert field.anchor_neighbors.shape == (len(field.anchors), 5)
+    assert torch.equal(field.anchor_neighbors[:, 0], field.anchors)  # each anchor is its own first neighbour
+    assert field.softness.min() == 0 and field.softness.max() <= 1  # min-max normalised
+
+
+def test_romap_subset_for_large_scenes():
+    scene, ids = two_part_scene(60)
+    cams = ring(2, 24)
+    cfg = GALPConfig(variant="romap", n_anchors=10, knn=4, knn_max_points=30, sh_degree=0)
+    field = LabelField(scene, cams, truth_part_masks(scene, cams, ids, 2), ["a", "b"], cfg)
+    field.softness = torch.rand(len(scene), generator=torch.Generator().manual_seed(1))
+    anchors, nbrs = field._romap_subset_anchors()
+    assert anchors.shape == (10,) and nbrs.shape == (10, 4) and torch.equal(nbrs[:, 0], anchors)
+    assert len(set(anchors.tolist()) | set(nbrs.flatten().tolist())) <= 30  # all from one 30-point subset
+    again, _ = field._romap_subset_anchors()
+    assert not torch.equal(anchors, again)  # a fresh subset each step
+
+
+def test_foreground_only_and_recompute_targets():
+    scene, ids = two_part_scene(60)
+    cams = ring(2, 24)
+    masks = truth_part_masks(scene, cams, ids, 2)
+    fg = (masks > 0.5).any(1)
+    assert fg.any() and (~fg).any()
+    calls = []
+
+    def mask_fn(views):
+        calls.append(list(views))
+        return masks[views]
+
+    field = LabelField(scene, cams, masks, ["a", "b"], GALPConfig(foreground_only=True, recompute_targets=True,
+                                                                   sh_degree=0), mask_fn=mask_fn)
+    target = field.targets[[0, 1]].clone()
+    off = target.clone()
+    off[~fg] = 0.7  # wrong only where no part is
+    assert field._l1(off, [0, 1]).item() == 0.0
+    assert calls == [[0, 1]]
+    off[fg] += 0.1
+    assert field._l1(off, [0, 1]).item() == pytest.approx(0.1, rel=1e-5)  # mean over the foreground
+    plain = LabelField(scene, cams, masks, ["a", "b"], GALPConfig(sh_degree=0))
+    assert plain._l1(target + (~fg)[..., None] * 0.7, [0, 1]).item() > 0
+    bad = LabelField(scene, cams, masks, ["a", "b"], GALPConfig(recompute_targets=True, sh_degree=0),
+                     mask_fn=lambda views: masks)
+    with pytest.raises(ValueError, match="mask_fn must return"):
+        bad._l1(target[:1], [0])
+
+
+def test_romap_two_parts_from_clean_masks():
+    scene, ids = two_part_scene()
+    cams = ring()
+    masks = truth_part_masks(scene, cams, ids, 2)
+    cfg = GALPConfig(variant="romap", steps=600, n_anchors=100, knn=10)
+    field = train_label_field(scene, cams, masks, ["left", "right"], cfg, progress=False)
+    seen = contribution_weights(scene, cams) > 0.05
+    truth = torch.stack([ids == 0, ids == 1])
+    assert torch.equal(field.masks_3d()[:, seen], truth[:, seen])
