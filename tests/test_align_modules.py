@@ -51,6 +51,19 @@ def test_projector_layout_and_shapes():
         Projector(8, 4, hidden=0)
 
 
+def test_heads_save_and_load_back_as_diffusers_models(tmp_path):
+    p = Projector(32, 12, hidden=64)
+    p.save_pretrained(tmp_path / "projector")
+    q = Projector.from_pretrained(tmp_path / "projector")
+    x = torch.randn(3, 32)
+    assert (q.d_in, q.d_out, q.hidden) == (32, 12, 64) and torch.equal(q(x), p(x))
+    a = GridAligner(4, 6, kernel_size=(2, 3), drop_first_frame=True)
+    a.save_pretrained(tmp_path / "aligner")
+    b = GridAligner.from_pretrained(tmp_path / "aligner")
+    g = torch.randn(1, 5, 8, 9, 4)
+    assert b.kernel_size == (2, 3) and b.drop_first_frame and torch.equal(b(g, (8, 4, 3)), a(g, (8, 4, 3)))
+
+
 def _videorepa_reference(aligner, x):
     """The released code's order: drop frame 0, trilinear x2 in time, then the 3x3/3 conv per frame."""
     a = x[:, 1:].permute(0, 4, 1, 2, 3)  # B, C, F, H, W

@@ -83,9 +83,21 @@ def test_tiny_run_writes_checkpoints_validation_and_export(tiny_models, tmp_path
         torch.testing.assert_close(v, trained[k])
     base = CogVideoXTransformer3DModel.from_pretrained(tiny_models["cogvideox"], subfolder="transformer")
     assert any(not torch.equal(v, base.state_dict()[k]) for k, v in loaded.state_dict().items())
-    heads = load_file(out / "export" / "align_heads.safetensors")
-    assert {"projector.0.weight", "projector.4.weight", "aligner.conv.weight"} <= set(heads)
-    assert heads["projector.4.weight"].shape == (16, 32)  # transformer width 32 -> teacher width 16
+    # the heads load back as diffusers models, equal to the trained ones
+    from gendistill.core.align import GridAligner, Projector
+
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    projector = Projector.from_pretrained(out / "export" / "projector")
+    aligner = GridAligner.from_pretrained(out / "export" / "aligner")
+    assert projector.config.d_out == 16 and projector.config.d_in == 32  # transformer width 32 -> teacher width 16
+    for mine, loaded in ((student.projector, projector), (student.aligner, aligner)):
+        for k, v in loaded.state_dict().items():
+            torch.testing.assert_close(v, mine.state_dict()[k].float())
+    x = torch.randn(1, 3, 6, 9, 16)
+    torch.testing.assert_close(aligner(x, (2, 2, 3)), student.aligner.float()(x, (2, 2, 3)))
+    from gendistill.video_distill.heads import heads_state_dict
+
+    assert {"projector.0.weight", "projector.4.weight", "aligner.conv.weight"} <= set(heads_state_dict(out / "export"))
 
 
 def test_trd_falls_on_a_fixed_batch(tiny_models, tmp_path):
@@ -176,7 +188,7 @@ def test_plain_and_repa_variants_run(tiny_models, tmp_path, variant):
     last = summary["history"][-1]
     if cfg.align.loss == "none":
         assert trainer.teacher is None and last["align"] == 0.0 and last["loss"] == last["diffusion"]
-        assert not (tmp_path / "run" / "export" / "align_heads.safetensors").exists()
+        assert not (tmp_path / "run" / "export" / "projector").exists()
     else:
         assert -1.0 <= last["align"] <= 1.0 and last["loss"] == pytest.approx(last["diffusion"] + 0.5 * last["align"])
 

@@ -7,6 +7,9 @@ transformer's state dict: `projectors.0.{0,2,4}.*` (the MLP, our `Projector` lay
 keys load with `CogVideoXTransformer3DModel.from_pretrained`, which ignores these.
 
     heads = heads_state_dict("ckpt/cogvideox-2b-infer/transformer")   # {"projector.0.weight": ..., "aligner.conv.weight": ...}
+
+Ours: an export or checkpoint folder with `projector/` and `aligner/` (diffusers models, see
+`VideoREPATrainer.export`), or an older `align_heads.safetensors`.
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-def _files(path: Path) -> list[Path]:
+def _files(path: Path) -> list[tuple[str, Path]]:
+    """(key prefix, weight file) pairs to read at `path`."""
     if path.is_file():
-        return [path]
-    if (path / "align_heads.safetensors").is_file():  # a checkpoint folder of ours
-        return [path / "align_heads.safetensors"]
+        return [("", path)]
+    ours = [(f"{name}.", f) for name in ("projector", "aligner") for f in sorted((path / name).glob("*.safetensors"))]
+    if ours:  # an export / checkpoint folder of ours
+        return ours
+    if (path / "align_heads.safetensors").is_file():  # written before the heads were diffusers models
+        return [("", path / "align_heads.safetensors")]
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not files:
-        raise FileNotFoundError(f"align.heads: {path} holds no align_heads.safetensors and no weight files")
-    return files
+        raise FileNotFoundError(f"align.heads: {path} holds no projector/, align_heads.safetensors or weight files")
+    return [("", f) for f in files]
 
 
 def heads_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -49,8 +56,9 @@ def heads_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"align.heads: {path} does not exist")
     heads = {}
-    for file in _files(path):
+    for prefix, file in _files(path):
         for key, value in _read(file).items():
+            key = prefix + key
             if key.startswith(OURS):
                 heads[key] = value
             for official, ours in OFFICIAL_KEYS.items():

@@ -18,7 +18,7 @@ Per step, for a batch of clips (video [B, F, 3, H, W] in [0, 1], captions):
 
 Outputs under `output_dir`: `checkpoints/checkpoint-N/` (accelerate state + per-process trainer
 state; the last `checkpoint.keep` kept), `validation/step-NNNNNN_prompt-KK.mp4`, `export/`
-(`pytorch_lora_weights.safetensors` or `transformer/`, plus `align_heads.safetensors`),
+(`pytorch_lora_weights.safetensors` or `transformer/`, plus the heads `projector/` and `aligner/`),
 `logs/train_log.jsonl`, `config.yaml`.
 
 Multi-GPU / multi-node: `accelerate launch -m gendistill finetune ...` (DDP, DeepSpeed ZeRO-2, FSDP
@@ -701,9 +701,8 @@ class VideoREPATrainer:
         return written
 
     def export(self, folder: str | os.PathLike | None = None) -> Path:
-        """Write the trained weights: LoRA (`pytorch_lora_weights.safetensors`) or `transformer/`, plus align heads."""
-        from safetensors.torch import save_file
-
+        """Write the trained weights: LoRA (`pytorch_lora_weights.safetensors`) or `transformer/`, plus the
+        align heads as diffusers models (`projector/`, `aligner/`: `Projector.from_pretrained(folder / "projector")`)."""
         acc = self.accelerator
         folder = Path(folder) if folder else self.out / "export"
         state = acc.get_state_dict(self.student)  # every process takes part (gathers sharded weights)
@@ -727,15 +726,14 @@ class VideoREPATrainer:
                     transformer = transformer.__class__.from_config(transformer.config)
                     transformer.load_state_dict(tr_state)
                 transformer.save_pretrained(tmp / "transformer")
-            heads = {k: v.detach().float().cpu().contiguous() for k, v in state.items()
-                     if k.startswith(("projector.", "aligner."))}
-            if heads:
-                a = self.cfg.align
-                meta = {"align_layer": a.align_layer, "loss": a.loss, "d_in": str(student.projector.d_in),
-                        "d_out": str(student.projector.d_out), "hidden": str(student.projector.hidden),
-                        "downsampler": a.downsampler, "kernel_size": a.kernel_size,
-                        "drop_first_frame": a.drop_first_frame, "temporal": a.temporal, "teacher": self.cfg.teacher.name}
-                save_file(heads, str(tmp / "align_heads.safetensors"), metadata={k: str(v) for k, v in meta.items()})
+            for name in ("projector", "aligner"):  # diffusers models: from_pretrained loads them back
+                head = getattr(student, name, None)
+                if head is not None:
+                    part = {k[len(name) + 1:]: v.detach().float().cpu() for k, v in state.items()
+                            if k.startswith(name + ".")}
+                    copy = type(head).from_config(head.config)
+                    copy.load_state_dict(part)
+                    copy.save_pretrained(tmp / name) if part else copy.save_config(tmp / name)
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
             old = folder.parent / f".old-{folder.name}"
             shutil.rmtree(old, ignore_errors=True)

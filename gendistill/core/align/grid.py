@@ -28,6 +28,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 SPATIAL_MODES = ("area", "bilinear", "nearest")
@@ -65,14 +67,15 @@ def resample_grid(
     return _resample(grid, target, lambda g: _resize_space(g, target[1:], spatial), temporal)
 
 
-class GridAligner(nn.Module):
+class GridAligner(ModelMixin, ConfigMixin):
     """Resample student tokens [B, F, h, w, Ds] onto a teacher grid (F', h', w').
 
     mode "conv" is VideoREPA's learnable downsampler: a k x k, stride-k Conv2d (Ds -> Dt, default
     Dt = Ds, k = 3 as released) applied per frame after resizing the student to k times the
     teacher's spatial size (`resize` mode; skipped when it already is). Modes "area",
     "bilinear", "nearest" have no parameters and keep the width (d_teacher must be None or Ds).
-    Time is resampled with `temporal` ("linear" as released).
+    Time is resampled with `temporal` ("linear" as released). A diffusers model:
+    `save_pretrained(folder)` / `GridAligner.from_pretrained(folder)`.
     """
 
     def __init__(
@@ -87,6 +90,8 @@ class GridAligner(nn.Module):
         resize: str = "bilinear",
     ):
         super().__init__()
+        self.register_to_config(d_student=d_student, d_teacher=d_teacher, mode=mode, drop_first_frame=drop_first_frame,
+                                kernel_size=kernel_size, temporal=temporal, resize=resize)  # positional arguments too
         _check_mode("mode", mode, ALIGNER_MODES)
         _check_mode("temporal", temporal, TEMPORAL_MODES)
         _check_mode("resize", resize, SPATIAL_MODES)
