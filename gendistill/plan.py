@@ -299,7 +299,7 @@ def _plan_edit(cfg) -> dict:
         gaussians = torch.nn.Parameter(torch.zeros(n, 3 + 4 + 3 + 1 + 48))
         optimizer = torch.optim.Adam([gaussians], lr=1e-3)
         images = torch.rand(B, 3, H, W, requires_grad=True)
-        extra = {"image_cond": images.detach()} if guidance.kind == "ip2p" else {}
+        extra = {"image_cond": images.detach()} if guidance.needs_image_condition else {}
 
         def step():
             loss = guidance.loss(images, prompt=cfg.prompt or "a photo", negative_prompt=g.negative_prompt,

@@ -395,3 +395,35 @@ def test_romap_config_gives_the_released_noise_range(sd3):
     lo, hi = t_bounds(tuple(config.guidance.t_range), 1000)
     ours = guidance.sigmas[lo:hi + 1].flip(0)
     torch.testing.assert_close(ours, released.float())  # the same 681 noise levels, ends included
+
+
+def test_kinds_declare_what_they_need(sd, sd_v, sd3, ip2p, monkeypatch):
+    """Each kind says its prediction, image condition and anchor method; detection asks each registered
+    kind, so a plugin kind is detected and the editor takes its anchor method without knowing its name."""
+    from gendistill.core.guidance import GUIDANCE, SDSGuidance
+    from gendistill.splat_edit.edit_config import load_edit_config
+    from gendistill.splat_edit.editor import _anchor_method
+
+    kinds = {name: load_guidance(p) for name, p in (("eps", sd), ("v", sd_v), ("flow", sd3), ("ip2p", ip2p))}
+    assert [g.prediction for g in kinds.values()] == ["eps", "v", "flow", "eps"]
+    assert [g.needs_image_condition for g in kinds.values()] == [False, False, False, True]
+    assert [g.anchor_method for g in kinds.values()] == ["slamp", "slamp", "slamp", "ip2p"]
+
+    class ToyPipeline(type(sd)):
+        pass
+
+    class ToyGuidance(SDSGuidance):
+        kind = "toy"
+        anchor_method = "ip2p"
+
+        @classmethod
+        def accepts(cls, pipe):
+            return isinstance(pipe, ToyPipeline)
+
+    monkeypatch.setitem(GUIDANCE, "toy", ToyGuidance)  # registered last: asked before "sds", which accepts it too
+    toy_pipe = ToyPipeline(**sd.components)
+    assert detect_kind(toy_pipe) == "toy"
+    guidance = load_guidance(toy_pipe)
+    assert isinstance(guidance, ToyGuidance)
+    cfg = load_edit_config(None, ["scene=s.ply", "part=p", "edit_prompt=e", "out=o", "guidance.model=m"])
+    assert _anchor_method(cfg, guidance) == "ip2p" and _anchor_method(cfg, kinds["flow"]) == "slamp"

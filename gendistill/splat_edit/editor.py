@@ -287,7 +287,7 @@ class PartEditor:
                 mask = F.interpolate(mask, size=x.shape[-2:], mode="nearest")
             latents = g.encode_images(x, generator=self.noise_generator)
         extra = {}
-        if g.kind == "ip2p":
+        if g.needs_image_condition:
             extra["image_cond_latents"] = torch.cat([self._condition(v) for v in views])
         azimuth = self.azimuth[views] if cfg.guidance.view_dependent else None
         with t("diffusion"):
@@ -472,13 +472,15 @@ def anchor_stage(editor: PartEditor, cfg: EditConfig, method: str) -> tuple[Anch
 
 
 def _anchor_method(cfg: EditConfig, guidance) -> str:
+    """anchors.method, "auto" resolved by what the guidance kind declares (`Guidance.anchor_method`)."""
     method = cfg.anchors.method
-    kind = getattr(guidance, "kind", None)
+    kind, own = getattr(guidance, "kind", None), getattr(guidance, "anchor_method", None)
     if method == "auto":
-        method = "ip2p" if kind == "ip2p" else "slamp"
-    if method == "slamp" and kind not in ("sds", "rfds"):
-        raise ValueError(f"anchors.method 'slamp' needs sds or rfds guidance, got {kind!r}; use 'ip2p' or 'none'")
-    if method == "ip2p" and kind != "ip2p":
+        method = own or "slamp"
+    if method == "slamp" and (own is None or guidance.needs_image_condition):
+        raise ValueError(f"anchors.method 'slamp' needs text-conditioned guidance (sds, rfds), got {kind!r}; "
+                         "use 'ip2p' or 'none'")
+    if method == "ip2p" and own != "ip2p":
         raise ValueError(f"anchors.method 'ip2p' needs an InstructPix2Pix model, got guidance kind {kind!r}")
     return method
 

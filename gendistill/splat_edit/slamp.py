@@ -160,13 +160,13 @@ def slamp_edit(
         `SLaMPResult` with the edited images [B,3,H,W] and latents.
     """
     config = config or SLaMPConfig()
-    if not isinstance(guidance, (RFDSGuidance, SDSGuidance)) or guidance.kind not in ("sds", "rfds"):
+    if not isinstance(guidance, (RFDSGuidance, SDSGuidance)) or guidance.needs_image_condition:
         raise ValueError(f"SLaMP needs a text-to-image guidance of kind 'sds' or 'rfds', got "
                          f"{getattr(guidance, 'kind', type(guidance).__name__)!r}")
     images = guidance.check_images(images)
     z0 = guidance.encode_images(images, sample=False)
     batch, k = z0.shape[0], int(config.num_steps)
-    m = guidance.latent_mask(mask, batch, z0.shape[-2:], images.shape[-2:])
+    m = guidance.latent_mask(mask, batch, z0.shape[-2:], images.shape[-2:], hard=False)  # soft blending
     cond, uncond = guidance.embeddings(prompt, negative_prompt, batch, azimuth, elevation)
     src, _ = guidance.embeddings(config.source_prompt, negative_prompt, batch)
     y1 = randn_tensor(z0.shape, generator=generator, device=guidance.device, dtype=torch.float32)

@@ -12,7 +12,7 @@ from gendistill.core.align.losses import repa_loss
 from gendistill.core.align.projector import Projector
 from gendistill.core.align.relations import REDUCTIONS, relation_matrices, trd_loss, trd_loss_reference
 
-from gendistill.core.align.hooks import FeatureHook, capture_block, detect_kind, num_blocks, unwrap_model
+from gendistill.core.align.hooks import FeatureHook, block_layout, capture_block, num_blocks, unwrap_model
 
 __all__ = [
     "trd_loss",
@@ -29,7 +29,7 @@ __all__ = [
     "TEMPORAL_MODES",
     "FeatureHook",
     "capture_block",
-    "detect_kind",
+    "block_layout",
     "num_blocks",
     "unwrap_model",
 ]

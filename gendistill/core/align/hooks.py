@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-__all__ = ["FeatureHook", "capture_block", "unwrap_model", "detect_kind", "num_blocks"]
+__all__ = ["FeatureHook", "capture_block", "unwrap_model", "block_layout", "num_blocks"]
 
 KINDS = ("cogvideox", "sd3", "module")
 
@@ -54,8 +54,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def detect_kind(model: nn.Module) -> str:
-    """"cogvideox", "sd3" or "module" for an (unwrapped) model, from its class name."""
+def block_layout(model: nn.Module) -> str:
+    """How a model lays out its blocks for `FeatureHook`: "cogvideox", "sd3" or "module", from its class name."""
     name = type(model).__name__
     if name.startswith("CogVideoX") and hasattr(model, "transformer_blocks"):
         return "cogvideox"
@@ -94,7 +94,7 @@ class FeatureHook:
 
     def __init__(self, model: nn.Module, align_layer: int | str, *, kind: str = "auto"):
         self.model = unwrap_model(model)
-        self.kind = detect_kind(self.model) if kind == "auto" else kind
+        self.kind = block_layout(self.model) if kind == "auto" else kind
         if self.kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; known: auto, {', '.join(KINDS)}")
         self.block_name, self.block = self._resolve(align_layer)

@@ -88,7 +88,20 @@ class Guidance:
         reduction: "sum", "mean" or "masked_mean" (RoMaP); see `REDUCTIONS`.
     """
 
+    # what a kind declares, so that callers ask instead of testing names:
     kind = ""
+    needs_image_condition = False  # `loss` also takes the conditioning image (InstructPix2Pix)
+    anchor_method = "slamp"  # how the editor makes its 2D anchor edits: "slamp" or "ip2p" (the pipeline's own)
+
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        """Whether this kind can run `pipe` (`detect_kind` asks every registered kind)."""
+        return False
+
+    @property
+    def prediction(self) -> str:
+        """What the denoiser predicts: "eps", "v" or "flow"."""
+        raise NotImplementedError
 
     def __init__(
         self,
@@ -278,9 +291,9 @@ class Guidance:
                              f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         return noise.to(self.device, torch.float32)
 
-    def latent_mask(self, mask, batch: int, latent_hw, image_hw=None) -> torch.Tensor | None:
-        """[B|1,1,H,W] mask in [0,1] -> [B,1,h,w] on the latent grid (area-averaged; for "masked_mean",
-        bilinear then > 0.5); None stays None.
+    def latent_mask(self, mask, batch: int, latent_hw, image_hw=None, hard: bool | None = None) -> torch.Tensor | None:
+        """[B|1,1,H,W] mask in [0,1] -> [B,1,h,w] on the latent grid: area-averaged, or with `hard`
+        (default: reduction "masked_mean") bilinear then > 0.5, as RoMaP; None stays None.
 
         H, W may be the image size, the latent grid, or the latent grid times the VAE factor.
         """
@@ -296,7 +309,7 @@ class Guidance:
             b = f"{batch} or 1" if batch != 1 else "1"
             raise ValueError(f"mask must be [B,1,H,W] in [0,1] (B = {b}, H x W = {ok_sizes}), got {got}")
         m = mask.to(self.device, torch.float32)
-        if self.reduction == "masked_mean":  # RoMaP: bilinear, then hard
+        if self.reduction == "masked_mean" if hard is None else hard:  # RoMaP: bilinear, then hard
             if tuple(m.shape[-2:]) != (h, w):
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
             m = (m > 0.5).float()

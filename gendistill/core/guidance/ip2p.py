@@ -17,7 +17,7 @@ import torch
 
 from gendistill.core.guidance.base import GUIDANCE, cat_embeds
 from gendistill.core.guidance.schedule import sds_weight
-from gendistill.core.guidance.sds import SDSGuidance
+from gendistill.core.guidance.sds import SDSGuidance, has_beta_schedule
 
 
 @GUIDANCE.register("ip2p")
@@ -25,6 +25,16 @@ class IP2PGuidance(SDSGuidance):
     """InstructPix2Pix as a loss; `loss` also takes the conditioning image (the original view)."""
 
     kind = "ip2p"
+    needs_image_condition = True
+    anchor_method = "ip2p"
+
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        """An InstructPix2Pix pipeline: a latent UNet taking the noisy and the condition latents."""
+        unet = getattr(pipe, "unet", None)
+        return (unet is not None and has_beta_schedule(getattr(pipe, "scheduler", None))
+                and ("InstructPix2Pix" in type(pipe).__name__
+                     or (getattr(pipe, "vae", None) is not None and unet.config.in_channels == 2 * unet.config.out_channels)))
 
     def __init__(self, pipe, *, image_guidance_scale: float = 1.5, **options):
         super().__init__(pipe, **options)

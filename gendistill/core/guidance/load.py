@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from gendistill.core.architectures import is_random, random_pipeline
+from gendistill.registry import load_plugins
 from gendistill.core.guidance.base import GUIDANCE, Guidance, check_cfg
 from gendistill.core.guidance.ip2p import IP2PGuidance  # noqa: F401  (registers "ip2p")
 from gendistill.core.guidance.rfds import RFDSGuidance, is_flow_matching  # noqa: F401
@@ -39,22 +40,18 @@ def option_names(cls) -> set[str]:
 
 
 def detect_kind(pipe) -> str:
-    """"rfds" for a flow-matching transformer, "ip2p" for InstructPix2Pix, "sds" for a DDPM-family UNet."""
-    name = type(pipe).__name__
-    scheduler = getattr(pipe, "scheduler", None)
-    if getattr(pipe, "transformer", None) is not None and is_flow_matching(scheduler):
-        return "rfds"
+    """The registered guidance kind that accepts `pipe` (`Guidance.accepts`): "rfds" for a flow-matching
+    transformer, "ip2p" for InstructPix2Pix, "sds" for a DDPM-family UNet, or a plugin's. Kinds are
+    asked latest registered first, so a plugin's kind wins over a built-in one that accepts the same."""
+    load_plugins()
+    for name, cls in reversed(GUIDANCE.items()):
+        if cls.accepts(pipe):
+            return name
     unet = getattr(pipe, "unet", None)
-    if unet is not None and has_beta_schedule(scheduler):
-        config = unet.config
-        if "InstructPix2Pix" in name or (getattr(pipe, "vae", None) is not None
-                                          and config.in_channels == 2 * config.out_channels):
-            return "ip2p"
-        if config.in_channels == config.out_channels:
-            return "sds"
     raise ValueError(
-        f"unsupported pipeline type {name} (denoiser {type(unet or getattr(pipe, 'transformer', None)).__name__}, "
-        f"scheduler {type(scheduler).__name__}); expected a UNet pipeline with a DDPM-family scheduler "
+        f"unsupported pipeline type {type(pipe).__name__} (denoiser "
+        f"{type(unet or getattr(pipe, 'transformer', None)).__name__}, scheduler "
+        f"{type(getattr(pipe, 'scheduler', None)).__name__}); expected a UNet pipeline with a DDPM-family scheduler "
         f"(SD 1.x/2.x, pixel-space UNets: kind 'sds'), an SD3-style flow-matching transformer pipeline "
         f"(kind 'rfds') or an InstructPix2Pix pipeline (kind 'ip2p')"
     )

@@ -46,6 +46,15 @@ class RFDSGuidance(Guidance):
 
     kind = "rfds"
 
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        """An SD3-style transformer with a flow-matching scheduler."""
+        return getattr(pipe, "transformer", None) is not None and is_flow_matching(getattr(pipe, "scheduler", None))
+
+    @property
+    def prediction(self) -> str:
+        return "flow"
+
     def __init__(self, pipe, *, refine_noise: bool = True, **options):
         transformer = getattr(pipe, "transformer", None)
         if transformer is None:

@@ -47,6 +47,17 @@ class SDSGuidance(Guidance):
 
     kind = "sds"
 
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        """A UNet with as many input as output channels and a DDPM-family scheduler."""
+        unet = getattr(pipe, "unet", None)
+        return (unet is not None and has_beta_schedule(getattr(pipe, "scheduler", None))
+                and unet.config.in_channels == unet.config.out_channels and "InstructPix2Pix" not in type(pipe).__name__)
+
+    @property
+    def prediction(self) -> str:
+        return {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[self.prediction_type]
+
     def __init__(self, pipe, **options):
         unet = getattr(pipe, "unet", None)
         if unet is None:
