@@ -16,6 +16,7 @@ import imageio.v3 as iio
 import torch
 from tqdm.auto import tqdm
 
+from gendistill.core.runtime import resolve_device
 from gendistill.core.cameras import Cameras, load_cameras, orbit_path, spiral_path
 from gendistill.core.media import contact_sheet, to_uint8, write_image, write_video
 from gendistill.core.scene import GaussianScene
@@ -100,7 +101,7 @@ def render_scenes(scene_paths: Sequence[str | Path], out_dir: str | Path, job: R
     """
     from accelerate import PartialState
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     state = PartialState(cpu=device.type == "cpu")  # cpu=True: several CPU processes join over gloo
     if device.type == "cuda" and state.num_processes > 1:
         device = state.device

@@ -284,7 +284,7 @@ def _scene_size(path) -> int:
 def _plan_edit(cfg) -> dict:
     from gendistill.core.architectures import random_pipeline
     from gendistill.core.guidance import load_guidance
-    from gendistill.core.guidance.load import as_dtype
+    from gendistill.core.runtime import as_dtype
     from gendistill.splat_edit.edit_inputs import guidance_options
 
     g = cfg.guidance

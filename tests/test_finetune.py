@@ -172,10 +172,10 @@ def test_lora_export_loads_into_pipeline_with_its_scale(tiny_models, tmp_path):
     assert (with_lora - plain).abs().max() > 1e-4  # the LoRA changes the output...
     torch.testing.assert_close(with_lora, trained, rtol=1e-4, atol=1e-5)  # ...exactly as trained (alpha / rank)
     # `gendistill generate --lora` loads it the same way (folder or file)
-    from gendistill.video_distill.generate import load_pipeline
+    from gendistill.video_distill.generate import load_video_pipeline
 
     for lora in (export, export / "pytorch_lora_weights.safetensors"):
-        torch.testing.assert_close(run(load_pipeline(tiny_models["cogvideox"], lora=lora).transformer), trained,
+        torch.testing.assert_close(run(load_video_pipeline(tiny_models["cogvideox"], lora=lora).transformer), trained,
                                    rtol=1e-4, atol=1e-5)
 
 

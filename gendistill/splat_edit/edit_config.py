@@ -21,7 +21,7 @@ from omegaconf import MISSING
 from gendistill.config import load_config
 
 __all__ = [
-    "CameraConfig", "SegmentConfig", "GuidanceConfig", "AnchorConfig", "OptimConfig", "DensifyConfig",
+    "CameraConfig", "SegmentConfig", "GuidanceConfig", "AnchorConfig", "LearningRates", "DensifyConfig",
     "ReportConfig", "EditConfig", "load_edit_config",
 ]
 
@@ -148,7 +148,7 @@ class AnchorConfig:
 
 
 @dataclass
-class OptimConfig:
+class LearningRates:
     """Adam learning rates per parameter (RoMaP); positions stay frozen unless lr_means > 0."""
 
     lr_color: float = 0.0125
@@ -227,7 +227,7 @@ class EditConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: LearningRates = field(default_factory=LearningRates)
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 

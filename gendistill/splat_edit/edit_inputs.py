@@ -15,28 +15,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gendistill.core.runtime import resolve_device
 from gendistill.core.architectures import arch_folder, is_random
 from gendistill.core.cameras import Cameras, load_cameras, orbit_path
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit.edit_config import EditConfig, GuidanceConfig
 
 __all__ = [
-    "resolve_device", "check_inputs", "load_scene", "make_cameras", "scene_radius", "camera_angles",
+    "check_inputs", "load_scene", "make_cameras", "scene_radius", "camera_angles",
     "visible_gaussians", "segment_part", "write_tiny_pipeline", "guidance_options", "load_edit_guidance",
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # ---------------------------------------------------------------------- inputs
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return dev
-
-
 def _check_model(model: str, tiny: str | None, key: str) -> None:
     """A local folder must exist (unless `tiny` will write it); a hub id must be cached when offline;
     a `random:` source needs its architecture configs."""

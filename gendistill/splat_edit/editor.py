@@ -39,6 +39,7 @@ from torch import Tensor
 
 from gendistill.core.cameras import Cameras
 from gendistill.core.render import RestCache, render_part
+from gendistill.core.runtime import resolve_device
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit.edit_config import EditConfig
 from gendistill.splat_edit.edit_inputs import (
@@ -47,7 +48,6 @@ from gendistill.splat_edit.edit_inputs import (
     load_edit_guidance,
     load_scene,
     make_cameras,
-    resolve_device,
     scene_radius,
     segment_part,
     visible_gaussians,
@@ -81,6 +81,11 @@ def remove_prior(sh: Tensor, mask: Tensor, terms: str = "dc") -> Tensor:
     else:
         out[mask] = 0.0
     return out
+
+
+def _sh(params: dict[str, Tensor]) -> Tensor:
+    """[P, K, 3] SH of the part's parameters: "sh0" [P, 1, 3] and, above degree 0, "shN" [P, K-1, 3]."""
+    return params["sh0"] if "shN" not in params else torch.cat([params["sh0"], params["shN"]], 1)
 
 
 def sds_prompt(cfg: EditConfig) -> str:
@@ -250,7 +255,7 @@ class PartEditor:
     # --- views of the current state
     def part_tensors(self) -> dict[str, Tensor]:
         """Activated part tensors (differentiable)."""
-        sh = self.params["sh0"] if "shN" not in self.params else torch.cat([self.params["sh0"], self.params["shN"]], 1)
+        sh = _sh(self.params)
         p = self.params
         return activated(p["means"], p["quats"], p["scales"], p["opacities"], sh)
 
@@ -367,7 +372,7 @@ class PartEditor:
         src = torch.cat([self.rest_index, self.state["src"].to(self.device)])
         order = torch.argsort(src, stable=True)
         p = self.params
-        sh = p["sh0"] if "shN" not in p else torch.cat([p["sh0"], p["shN"]], 1)
+        sh = _sh(p)
         n_rest = len(self.rest_index)
 
         def merged(rest: Tensor, part: Tensor) -> Tensor:
@@ -392,7 +397,7 @@ class PartEditor:
         s, p = self.scene, self.params
         idx = torch.as_tensor(uniq, dtype=torch.long)
         first = torch.as_tensor(first, dtype=torch.long)
-        sh = p["sh0"] if "shN" not in p else torch.cat([p["sh0"], p["shN"]], 1)
+        sh = _sh(p)
         diff = torch.zeros(len(idx), dtype=torch.bool)
         for a, b in ((s.means, p["means"]), (s.quats, p["quats"]), (s.log_scales, p["scales"]),
                      (s.opacity_logits, p["opacities"]), (s.sh, sh)):

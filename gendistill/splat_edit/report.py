@@ -109,7 +109,7 @@ def loss_curve_image(history: list[dict], keys=("loss", "sds", "anchor"), size=(
 
 def turntable_cameras(cfg, scene, n: int):
     """An orbit of n views around the ring's centre at the report elevation, the ring's size."""
-    from gendistill.splat_edit.editor import scene_radius
+    from gendistill.splat_edit.edit_inputs import scene_radius
 
     c = cfg.cameras
     center = torch.tensor(c.center, dtype=torch.float64) if c.center is not None else scene.center(0.01).double().cpu()

@@ -56,12 +56,13 @@ def run_finetune(args) -> None:
 def run_generate(args) -> None:
     import torch
 
-    from gendistill.video_distill.generate import DTYPES, generate_videos, load_pipeline, read_prompts
+    from gendistill.core.runtime import as_dtype, resolve_device
+    from gendistill.video_distill.generate import generate_videos, load_video_pipeline, read_prompts
 
     prompts = read_prompts(args.prompts)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(args.model, lora=args.lora, transformer=args.transformer, dtype=dtype, device=device)
+    device = resolve_device(args.device)
+    dtype = as_dtype(args.dtype) if device.type == "cuda" else torch.float32
+    pipe = load_video_pipeline(args.model, lora=args.lora, transformer=args.transformer, dtype=dtype, device=device)
     paths = generate_videos(pipe, prompts, args.out, num_frames=args.frames, height=args.height, width=args.width,
                             num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                             fps=args.fps, negative_prompt=args.negative_prompt, lora_scale=args.lora_scale,

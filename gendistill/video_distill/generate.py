@@ -1,6 +1,6 @@
 """Batch text-to-video with a (finetuned) CogVideoX pipeline.
 
-    pipe = load_pipeline("THUDM/CogVideoX-5b", lora="outputs/run/export")
+    pipe = load_video_pipeline("THUDM/CogVideoX-5b", lora="outputs/run/export")
     paths = generate_videos(pipe, read_prompts("prompts.txt"), "outputs/videos", seed=42)
 
 Under `accelerate launch` (or torchrun) the prompts are split across processes; prompt k always
@@ -21,11 +21,7 @@ from tqdm.auto import tqdm
 
 from gendistill.core.media import write_video
 
-__all__ = ["read_prompts", "prompt_filename", "load_pipeline", "generate_videos"]
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
+__all__ = ["read_prompts", "prompt_filename", "load_video_pipeline", "generate_videos"]
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a text file (one per line; blank lines and `#` comments skipped) or a JSON list of strings."""
@@ -51,22 +47,24 @@ def prompt_filename(index: int, prompt: str, max_len: int = 48) -> str:
     return f"{index:04d}_{slug}.mp4"
 
 
-def load_pipeline(model: str | os.PathLike, *, lora: str | os.PathLike | None = None,
-                  transformer: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device | None = None):
-    """A `CogVideoXPipeline` from a hub id or local folder, optionally with a finetuned transformer folder
-    (a full-finetune export) and / or LoRA weights (a folder holding pytorch_lora_weights.safetensors, or the file)."""
-    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+def load_video_pipeline(model: str | os.PathLike, *, lora: str | os.PathLike | None = None,
+                        transformer: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device | None = None):
+    """A `CogVideoXPipeline` (core's `load_pipeline`) from a hub id or local folder, optionally with a
+    finetuned transformer folder (a full-finetune export) and / or LoRA weights (a folder holding
+    pytorch_lora_weights.safetensors, or the file)."""
+    from diffusers import CogVideoXTransformer3DModel
 
+    from gendistill.core.guidance.load import load_pipeline
     from gendistill.video_distill.trainer import _load
 
-    kwargs = {"dtype": dtype}
+    kwargs = {}
     if transformer is not None:
         tdir = Path(transformer)
         if (tdir / "transformer" / "config.json").is_file():  # an export folder: take its transformer/
             tdir = tdir / "transformer"
         kwargs["transformer"] = _load(CogVideoXTransformer3DModel, str(tdir), "transformer", dtype=dtype)
-    pipe = _load(CogVideoXPipeline, str(model), "pipeline", **kwargs)
+    pipe = load_pipeline(str(model), dtype=dtype, device=device or "cpu", **kwargs)
     if lora is not None:
         lora = Path(lora)
         if lora.is_dir():
@@ -77,8 +75,6 @@ def load_pipeline(model: str | os.PathLike, *, lora: str | os.PathLike | None = 
             pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
         else:
             raise FileNotFoundError(f"LoRA weights {lora} do not exist")
-    if device is not None:
-        pipe.to(device)
     return pipe
 
 

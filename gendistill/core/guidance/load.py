@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from gendistill.core.architectures import is_random, random_pipeline
+from gendistill.core.runtime import as_dtype
 from gendistill.registry import load_plugins
 from gendistill.core.guidance.base import GUIDANCE, Guidance, check_cfg
 from gendistill.core.guidance.ip2p import IP2PGuidance  # noqa: F401  (registers "ip2p")
@@ -16,17 +17,7 @@ from gendistill.core.guidance.rfds import RFDSGuidance, is_flow_matching  # noqa
 from gendistill.core.guidance.schedule import check_t_range, check_weighting
 from gendistill.core.guidance.sds import SDSGuidance, has_beta_schedule  # noqa: F401
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 CPU_OFFLOAD = (None, "model", "sequential")
-
-
-def as_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected a torch.dtype or one of {', '.join(DTYPES)}")
-    return DTYPES[str(dtype)]
 
 
 def option_names(cls) -> set[str]:
