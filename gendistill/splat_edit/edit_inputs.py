@@ -203,6 +203,7 @@ def _mask_from_galp(scene: GaussianScene, cfg: EditConfig, cameras: Cameras, wor
         else:
             kw = {"attention_model": options.pop("pipeline"), "prompt": options.pop("prompt", cfg.prompt)}
             kw.update({k: options.pop(k) for k in ("views", "size", "temperatures") if k in options})
+            kw["attention_options"], options = options, {}  # capture, refine, resolution, ...: checked there
         if options:
             raise ValueError(f"segment.mask_options: unknown option(s) {sorted(options)} for mask source "
                              f"{seg.mask_source!r}")

@@ -58,7 +58,7 @@ from gendistill.core.render.sh import SH_C0, eval_sh, num_sh_bases, sh_basis, sh
 from gendistill.core.scene import GaussianScene
 
 __all__ = [
-    "GALPConfig", "VARIANTS", "LabelField", "part_colors", "mask_colors", "init_label_sh", "render_labels",
+    "GALPConfig", "VARIANTS", "LabelField", "part_colors", "mask_colors", "soft_mask_colors", "init_label_sh", "render_labels",
     "view_labels", "weighted_view_mean", "codes_within", "view_contributions", "label_softness", "romap_softness",
     "select_anchors", "knn_indices", "knn_query", "neighbor_loss", "romap_neighbor_loss", "masks_3d", "masks_2d",
     "contribution_weights", "vote_masks", "mask_iou",
@@ -181,6 +181,19 @@ def mask_colors(masks: Tensor, colors: Tensor, threshold: float = 0.5) -> Tensor
         out[take] = colors[i].to(out)
         free &= ~take
     return out
+
+
+def soft_mask_colors(masks: Tensor, colors: Tensor) -> Tensor:
+    """RoMaP's soft colour targets [C, H, W, 3] from soft masks [C, P, H, W] (attention output "soft") and
+    part codes colors [P, 3]: sum_p mask_p code_p, min-max normalised per view over its pixels and
+    channels (romap.py :1134-1138)."""
+    if masks.dim() != 4 or colors.shape != (masks.shape[1], 3):
+        raise ValueError(f"soft_mask_colors: masks must be [C, P, H, W] and colors [P, 3], got "
+                         f"{list(masks.shape)} and {list(colors.shape)}")
+    t = torch.einsum("cphw,pk->chwk", masks.float(), colors.to(masks.device).float())
+    flat = t.flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(t)
 
 
 # ---------------------------------------------------------------------- rendering and per-view labels
@@ -474,7 +487,8 @@ class LabelField:
         self.geometry = _geometry(scene)
         dev, dt = self.geometry["means"].device, self.geometry["means"].dtype
         self.colors = (colors if colors is not None else part_colors(len(self.parts), cfg.seed)).to(dev, dt)
-        self.targets = mask_colors(masks.to(dev, dt), self.colors)  # [C, H, W, 3]
+        self.colorize = soft_mask_colors if cfg.variant == "romap" else mask_colors  # RoMaP's targets are soft
+        self.targets = self.colorize(masks.to(dev, dt), self.colors)  # [C, H, W, 3]
         self.foreground = (masks > 0.5).any(dim=1).to(dev)  # [C, H, W]: pixels some part claims
         self.romap = cfg.variant == "romap"
         init = init_label_sh(len(scene), cfg.sh_degree, dc=ROMAP_INIT_DC if self.romap else 0.0, device=dev, dtype=dt)
@@ -565,7 +579,7 @@ class LabelField:
         if tuple(masks.shape) != want:
             raise ValueError(f"mask_fn must return masks [V, P, H, W] = {list(want)}, got {list(masks.shape)}")
         masks = masks.to(self.targets)
-        return mask_colors(masks, self.colors), (masks > 0.5).any(dim=1)
+        return self.colorize(masks, self.colors), (masks > 0.5).any(dim=1)
 
     def _l1(self, render: Tensor, views: list[int]) -> Tensor:
         """L1 of renders [V, H, W, 3] against the targets: per view the mean over pixels and channels

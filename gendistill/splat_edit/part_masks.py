@@ -8,9 +8,11 @@ one up. Entries:
   and `DIR/masks/<part>/<stem of each view's file>.png`, white where the part is
   (`load_mask_folder`; `write_mask_folder` renders such a folder from a scene with known parts).
 - "attention": attention maps of the part words from a diffusers pipeline on rendered views,
-  captured through attention processors (cross-attention of UNet2DConditionModel pipelines, joint
-  attention of SD3Transformer2DModel pipelines), post-processed as RoMaP does
-  (`attention_maps`, `postprocess_attention`).
+  captured through attention processors, post-processed as RoMaP does (`attention_maps`,
+  `postprocess_attention`). Capture "romap" (SD3Transformer2DModel pipelines, their default):
+  RoMaP's text-to-image scores during a controlled inversion (`romap_attention`); capture "ours"
+  (the default for UNet2DConditionModel pipelines, with a VAE or pixel-space): image-to-text
+  attention probabilities after one noising.
 - "callable": any function `fn(images [C, H, W, 3] float in [0, 1], parts) -> [C, P, H, W]`
   (SAM or another segmenter).
 
@@ -41,6 +43,7 @@ __all__ = [
     "MASK_SOURCES", "PartMasks", "get_part_masks", "check_part_masks", "load_mask_folder", "write_mask_folder",
     "truth_part_masks", "scene_part_ids", "render_views", "masks_from_folder", "masks_from_attention",
     "masks_from_callable", "attention_maps", "postprocess_attention", "part_token_indices", "AttentionCapture",
+    "resolve_capture", "CAPTURES", "CAPTURE_DEFAULTS",
 ]
 
 MASK_SOURCES = Registry("part-mask source")
@@ -377,130 +380,224 @@ class _CaptureProcessor:
                           attention_mask=attention_mask, *args, **kwargs)
 
 
+CAPTURES = ("auto", "romap", "ours")
+ROMAP_OPTIONS = ("t_range", "inversion_steps", "capture_step", "gamma", "blocks")
+OUTPUTS = ("hard", "soft", "normalized")
+# per capture: softmax temperature, render background, postprocess output (romap.py :1120, :799, :1133)
+CAPTURE_DEFAULTS = {"romap": (0.2, (0.0, 0.0, 0.0), "soft"), "ours": (1.0, (1.0, 1.0, 1.0), "hard")}
+
+
 def _pipeline_kind(pipe) -> str:
+    """"unet" (a UNet2DConditionModel denoising VAE latents or, without a VAE, RGB pixels) or "sd3"."""
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
-    if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) and getattr(pipe, "vae", None) is not None:
+    unet = getattr(pipe, "unet", None)
+    if isinstance(unet, UNet2DConditionModel):
+        vae = getattr(pipe, "vae", None)
+        want = vae.config.latent_channels if vae is not None else 3
+        if unet.config.in_channels != want:
+            space = "VAE latent" if vae is not None else "RGB (no VAE)"
+            raise ValueError(f"the UNet of {type(pipe).__name__} takes {unet.config.in_channels} input channels, "
+                             f"not the {want} {space} channels; attention masks need a UNet that denoises the "
+                             "image alone (not an InstructPix2Pix-style one)")
+        if getattr(unet.config, "cross_attention_dim", None) is None:
+            raise ValueError(f"the UNet of {type(pipe).__name__} has no cross-attention to a text encoder")
         return "unet"
     if isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel):
         return "sd3"
-    raise ValueError(f"attention masks need a latent UNet2DConditionModel or SD3Transformer2DModel pipeline, "
-                     f"got {type(pipe).__name__}")
+    raise ValueError(f"attention masks need a pipeline with a cross-attention UNet2DConditionModel (latent or "
+                     f"pixel space) or an SD3Transformer2DModel, got {type(pipe).__name__}")
 
 
-def _token_positions(pipe, kind: str, prompt: str, parts: Sequence[str]) -> dict[str, list[int]]:
-    """Text positions of each part in the denoiser's text sequence (CLIP tokens; for SD3 also the
-    T5 tokens when a T5 encoder is present, offset after the CLIP ones)."""
+def resolve_capture(capture: str, kind: str) -> str:
+    """The capture mode: "auto" is "romap" for SD3 transformers and "ours" for UNets."""
+    if capture not in CAPTURES:
+        raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    if capture == "auto":
+        return "romap" if kind == "sd3" else "ours"
+    if capture == "romap" and kind != "sd3":
+        raise ValueError("capture='romap' (text-to-image scores of a rectified-flow inversion) needs an SD3-style "
+                         "transformer pipeline; use capture='ours' for UNets")
+    return capture
+
+
+def _token_positions(pipe, kind: str, prompt: str, parts: Sequence[str], t5: bool = True) -> dict[str, list[int]]:
+    """Text positions of each part in the denoiser's text sequence (CLIP tokens; for SD3 with `t5`
+    also the T5 tokens when a T5 encoder is present, offset after the CLIP ones)."""
     tok = pipe.tokenizer
+    if tok is None:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer to find the part words with")
     out = {}
     for p in parts:
         pos = part_token_indices(tok, prompt, p, tok.model_max_length)
-        if kind == "sd3" and getattr(pipe, "tokenizer_3", None) is not None and pipe.text_encoder_3 is not None:
+        if t5 and kind == "sd3" and getattr(pipe, "tokenizer_3", None) is not None and pipe.text_encoder_3 is not None:
             try:
-                t5 = part_token_indices(pipe.tokenizer_3, prompt, p, 256, add_bos=False)
-                pos += [tok.model_max_length + i for i in t5]
+                t5_pos = part_token_indices(pipe.tokenizer_3, prompt, p, 256, add_bos=False)
+                pos += [tok.model_max_length + i for i in t5_pos]
             except ValueError:
                 pass
         out[p] = pos
     return out
 
 
-def attention_maps(pipe, images: Tensor, prompt: str, parts: Sequence[str], *, timesteps: Sequence[float] = (0.5,),
-                   resolution: int | None = None, seed: int = 0, batch_size: int = 4) -> Tensor:
-    """Raw attention maps [C, P, H, W] of the part words of `prompt` on images [C, H, W, 3] in [0, 1].
+def _vae_factor(pipe) -> int:
+    vae = getattr(pipe, "vae", None)
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
-    The images are resized to `resolution` (default: the denoiser's native size), encoded by the
-    VAE, noised to each fraction t of the schedule in `timesteps` (DDPM-style for UNets, flow
-    matching x_t = (1 - t) x_0 + t n for SD3) and denoised once with the prompt; the image-to-text
-    attention of every layer is head-averaged, resized to the latent grid and averaged over layers,
-    timesteps and the part's tokens, then resized to H x W.
-    """
-    kind = _pipeline_kind(pipe)
-    parts = list(parts)
+
+def _to_model_space(pipe, x: Tensor, dtype) -> Tensor:
+    """Images x [B, 3, h, w] in [0, 1] -> the denoiser's input space: the VAE mean (shifted and
+    scaled), or 2 x - 1 for a pixel-space model."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return (x * 2 - 1).to(dtype)
+    lat = vae.encode((x * 2 - 1).to(vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((lat - shift) * vae.config.scaling_factor).to(dtype)
+
+
+def _prompt_embeds(pipe, prompt: str, device) -> dict[str, Tensor]:
+    """The denoiser's text inputs for `prompt` (encoder_hidden_states [1, T, D], and for SD3
+    pooled_projections [1, D'])."""
+    from gendistill.core.guidance.prompts import encoder_for
+
+    enc = encoder_for(pipe, device)
+    if enc is None:
+        raise ValueError(f"{type(pipe).__name__} has no text encoder; attention masks need a text-conditioned model")
+    return enc(prompt, "")[0]
+
+
+def _ours_maps(pipe, kind: str, images: Tensor, prompt: str, parts: list[str], timesteps: Sequence[float],
+               resolution: int | None, seed: int, batch_size: int) -> Tensor:
+    """Capture "ours": raw maps [C, P, H, W] (see `attention_maps`)."""
     positions = _token_positions(pipe, kind, prompt, parts)
     flat = sorted({i for v in positions.values() for i in v})
     model = pipe.unet if kind == "unet" else pipe.transformer
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     c, h, w = images.shape[:3]
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if resolution is None:
-        resolution = model.config.sample_size * vae_factor
+        resolution = model.config.sample_size * _vae_factor(pipe)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        if kind == "unet":
-            embeds = pipe.encode_prompt(prompt, device, 1, False)[0]
-            pooled = None
-        else:
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
-                                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
-        x = images.permute(0, 3, 1, 2).to(device, torch.float32)
-        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
-                                            align_corners=False)
-        out = []
-        for s in range(0, c, batch_size):
-            xb = (x[s : s + batch_size] * 2 - 1).to(pipe.vae.dtype)
-            lat = pipe.vae.encode(xb).latent_dist.mean
-            shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-            lat = ((lat - shift) * pipe.vae.config.scaling_factor).to(dtype)
-            lh, lw = lat.shape[-2:]
-            acc = torch.zeros(lat.shape[0], len(flat), lh, lw, device=device)
-            n_acc = 0
-            for frac in timesteps:
-                noise = torch.randn(lat.shape, generator=gen).to(device, dtype)
-                with AttentionCapture(model, flat) as cap:
-                    if kind == "unet":
-                        n_train = pipe.scheduler.config.num_train_timesteps
-                        step = int(round(frac * (n_train - 1)))
-                        t = torch.full((lat.shape[0],), step, device=device, dtype=torch.long)
-                        xt = pipe.scheduler.add_noise(lat, noise, t)
-                        model(xt, t, encoder_hidden_states=embeds.expand(lat.shape[0], -1, -1))
-                    else:
-                        xt = (1 - frac) * lat + frac * noise
-                        t = torch.full((lat.shape[0],), frac * pipe.scheduler.config.num_train_timesteps, device=device)
-                        model(hidden_states=xt, timestep=t, encoder_hidden_states=embeds.expand(lat.shape[0], -1, -1),
-                              pooled_projections=pooled.expand(lat.shape[0], -1))
-                for m in cap.maps:  # [B, Nq, T]
-                    f = math.sqrt(lh * lw / m.shape[1])
-                    gh, gw = round(lh / f), round(lw / f)
-                    if gh * gw != m.shape[1]:
-                        continue
-                    grid = m.transpose(1, 2).reshape(m.shape[0], len(flat), gh, gw)
-                    acc += torch.nn.functional.interpolate(grid, size=(lh, lw), mode="bilinear", align_corners=False)
-                    n_acc += 1
-            if n_acc == 0:
-                raise RuntimeError(f"no image-to-text attention was captured from {type(model).__name__}")
-            acc /= n_acc
-            per_part = torch.stack([acc[:, [flat.index(i) for i in positions[p]]].mean(dim=1) for p in parts], 1)
-            out.append(torch.nn.functional.interpolate(per_part, size=(h, w), mode="bilinear", align_corners=False))
+    embeds = _prompt_embeds(pipe, prompt, device)
+    x = images.permute(0, 3, 1, 2).to(device, torch.float32)
+    x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
+                                        align_corners=False)
+    out = []
+    for s in range(0, c, batch_size):
+        lat = _to_model_space(pipe, x[s : s + batch_size], dtype)
+        b, (lh, lw) = lat.shape[0], lat.shape[-2:]
+        kw = {k: v.expand(b, *v.shape[1:]).to(dtype) for k, v in embeds.items()}
+        acc = torch.zeros(b, len(flat), lh, lw, device=device)
+        n_acc = 0
+        for frac in timesteps:
+            noise = torch.randn(lat.shape, generator=gen).to(device, dtype)
+            with AttentionCapture(model, flat) as cap:
+                if kind == "unet":
+                    n_train = pipe.scheduler.config.num_train_timesteps
+                    t = torch.full((b,), int(round(frac * (n_train - 1))), device=device, dtype=torch.long)
+                    model(pipe.scheduler.add_noise(lat, noise, t), t, **kw)
+                else:
+                    t = torch.full((b,), frac * pipe.scheduler.config.num_train_timesteps, device=device)
+                    model(hidden_states=(1 - frac) * lat + frac * noise, timestep=t, **kw)
+            for m in cap.maps:  # [b, Nq, T]
+                f = math.sqrt(lh * lw / m.shape[1])
+                gh, gw = round(lh / f), round(lw / f)
+                if gh * gw != m.shape[1]:
+                    continue
+                grid = m.transpose(1, 2).reshape(b, len(flat), gh, gw)
+                acc += torch.nn.functional.interpolate(grid, size=(lh, lw), mode="bilinear", align_corners=False)
+                n_acc += 1
+        if n_acc == 0:
+            raise RuntimeError(f"no image-to-text attention was captured from {type(model).__name__}")
+        acc /= n_acc
+        per_part = torch.stack([acc[:, [flat.index(i) for i in positions[p]]].mean(dim=1) for p in parts], 1)
+        out.append(torch.nn.functional.interpolate(per_part, size=(h, w), mode="bilinear", align_corners=False))
     return torch.cat(out).float().cpu()
 
 
-def postprocess_attention(maps: Tensor, temperatures: float | Sequence[float] = 1.0, threshold: float = 0.5,
-                          soft: bool = False) -> Tensor:
-    """RoMaP-style post-processing of raw maps [C, P, H, W] into masks [C, P, H, W].
+def attention_maps(pipe, images: Tensor, prompt: str, parts: Sequence[str], *, capture: str = "auto",
+                   resolution: int | None = None, seed: int = 0, batch_size: int = 4,
+                   timesteps: Sequence[float] | None = None, **romap_options) -> Tensor:
+    """Raw attention maps [C, P, H, W] of the part words of `prompt` on images [C, H, W, 3] in [0, 1].
 
-    Per view and part: min-max normalize, softmax over the pixels with the part's temperature,
-    min-max normalize again; then pixels above `threshold` form the mask, and earlier-listed parts
-    claim pixels first. With `soft`, the normalized maps (before thresholding and claiming) instead.
+    capture "romap" (the default for SD3 transformers; `romap_attention.romap_attention_maps`):
+    RoMaP's pre-softmax text-to-image scores at CLIP positions, summed over blocks 0..n-2, at the
+    4th model call of a 5-step controlled inversion of a VAE sample, 512 px (or `resolution`);
+    `romap_options`: t_range, inversion_steps, capture_step, gamma, blocks.
+
+    capture "ours" (the default for UNets, latent or pixel space): the images are resized to
+    `resolution` (default: the denoiser's native size), encoded (VAE mean, or 2 x - 1 without a
+    VAE), noised to each fraction t of the schedule in `timesteps` (default (0.5,); DDPM-style for
+    UNets, x_t = (1 - t) x_0 + t n for SD3) and denoised once with the prompt; the image-to-text
+    softmax attention of every layer (CLIP and T5 positions) is head-averaged, resized to the
+    latent grid and averaged over layers, timesteps and the part's tokens.
+
+    Either way the maps are resized (bilinear) to H x W.
     """
+    parts = list(parts)
+    kind = _pipeline_kind(pipe)
+    capture = resolve_capture(capture, kind)
+    unknown = sorted(set(romap_options) - set(ROMAP_OPTIONS))
+    if unknown:
+        raise ValueError(f"attention capture: unknown option(s) {unknown}; capture 'romap' takes {ROMAP_OPTIONS}, "
+                         "'ours' takes timesteps")
+    if capture == "ours":
+        if romap_options:
+            raise ValueError(f"option(s) {sorted(romap_options)} are for capture='romap', not 'ours'")
+        return _ours_maps(pipe, kind, images, prompt, parts, (0.5,) if timesteps is None else timesteps,
+                          resolution, seed, batch_size)
+    if timesteps is not None:
+        raise ValueError("option 'timesteps' is for capture='ours'; capture='romap' takes "
+                         f"{', '.join(ROMAP_OPTIONS)}")
+    from gendistill.splat_edit.romap_attention import romap_attention_maps
+
+    positions = _token_positions(pipe, kind, prompt, parts, t5=False)
+    raw = romap_attention_maps(pipe, images, prompt, [positions[p] for p in parts], resolution=resolution,
+                               seed=seed, batch_size=batch_size, **romap_options)
+    return torch.nn.functional.interpolate(raw, size=tuple(images.shape[1:3]), mode="bilinear", align_corners=False)
+
+
+def _minmax(x: Tensor) -> Tensor:
+    """Min-max normalise [..., H, W] over its last two dimensions (a constant map gives 0)."""
+    flat = x.flatten(-2)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(x)
+
+
+def postprocess_attention(maps: Tensor, temperatures: float | Sequence[float] = 1.0, threshold: float = 0.5,
+                          output: str = "hard", *, refine: Callable | None = None,
+                          images: Tensor | None = None) -> Tensor:
+    """RoMaP-style post-processing of raw maps [C, P, H, W] into masks [C, P, H, W] in [0, 1].
+
+    Per view and part (`normalize_tensor`, romap.py :433-454): min-max normalise, softmax over the
+    part's H x W pixels with the part's temperature, min-max again. With `refine(image [3, H, W],
+    map [H, W]) -> [H, W]` (RoMaP: CascadePSP; `images` [C, H, W, 3] in [0, 1] are the views), the
+    refined map, min-max normalised (:1124-1130). Then by `output`:
+
+    - "hard": pixels above `threshold` form the mask, earlier-listed parts claim pixels first;
+    - "soft" (RoMaP, :1133): the soft values, zeroed where the earlier parts' (already zeroed)
+      values sum above `threshold` (RoMaP weighs each earlier part by the channel sum of its
+      colour code: the same for the first three parts, whose codes are one-hot);
+    - "normalized": the maps before any claiming.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     c, p = maps.shape[:2]
     temps = [temperatures] * p if np.isscalar(temperatures) else list(temperatures)
     temps = torch.as_tensor(temps, dtype=torch.float32)
     if temps.shape != (p,) or (temps <= 0).any():
         raise ValueError(f"temperatures must be positive, one per part ({p}), got {temperatures}")
-
-    def norm(x):
-        flat = x.flatten(2)
-        lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
-        return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(x)
-
-    a = norm(maps.float())
-    a = torch.softmax(a.flatten(2) / temps[None, :, None], dim=-1).view_as(a)
-    a = norm(a)
-    if soft:
+    a = _minmax(maps.float())
+    a = _minmax(torch.softmax(a.flatten(2) / temps[None, :, None], dim=-1).view_as(a))
+    if refine is not None:
+        a = _refined(a, refine, images)
+    if output == "normalized":
         return a
     out = torch.zeros_like(a)
+    if output == "soft":
+        for i in range(p):
+            out[:, i] = torch.where(out[:, :i].sum(dim=1) > threshold, 0.0, a[:, i])
+        return out
     free = torch.ones(c, *a.shape[2:], dtype=torch.bool)
     for i in range(p):
         take = (a[:, i] > threshold) & free
@@ -509,25 +606,52 @@ def postprocess_attention(maps: Tensor, temperatures: float | Sequence[float] = 
     return out
 
 
-def _load_pipeline(model, device=None):
-    if not isinstance(model, (str, os.PathLike)):
-        return model
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(model))
-    return pipe.to(device) if device is not None else pipe
+def _refined(a: Tensor, refine: Callable, images: Tensor | None) -> Tensor:
+    """Apply `refine` to every view and part of maps a [C, P, H, W], min-max normalising each result."""
+    c, p, h, w = a.shape
+    if images is None or tuple(images.shape) != (c, h, w, 3):
+        raise ValueError(f"refine needs the views: images [C={c}, H={h}, W={w}, 3], got "
+                         f"{None if images is None else list(images.shape)}")
+    out = torch.empty_like(a)
+    for v in range(c):
+        img = images[v].permute(2, 0, 1).float().cpu()
+        for i in range(p):
+            got = torch.as_tensor(np.asarray(refine(img, a[v, i]))).float().squeeze()
+            if tuple(got.shape) != (h, w):
+                raise ValueError(f"refine returned shape {list(got.shape)} for a [{h}, {w}] mask")
+            out[v, i] = _minmax(got)
+    return out
 
 
 @MASK_SOURCES.register("attention")
 def masks_from_attention(scene: GaussianScene, parts: Sequence[str], *, pipeline, prompt: str, cameras: Cameras,
-                         temperatures: float | Sequence[float] = 1.0, threshold: float = 0.5,
-                         timesteps: Sequence[float] = (0.5,), resolution: int | None = None, seed: int = 0,
-                         background=(1.0, 1.0, 1.0), backend: str = "auto", device=None, **_) -> PartMasks:
+                         capture: str = "auto", temperatures: float | Sequence[float] | None = None,
+                         threshold: float = 0.5, output: str | None = None, refine=None,
+                         resolution: int | None = None, seed: int = 0, background=None, backend: str = "auto",
+                         device=None, timesteps: Sequence[float] | None = None, **romap_options) -> PartMasks:
     """The "attention" source: render the scene at `cameras`, take the part words' attention maps
-    from `pipeline` (a loaded diffusers pipeline, a local folder or a hub id) with `prompt`, and
-    post-process them (`postprocess_attention`)."""
-    pipe = _load_pipeline(pipeline, device)
-    images = render_views(scene, cameras, background=background, backend=backend)
-    raw = attention_maps(pipe, images, prompt, parts, timesteps=timesteps, resolution=resolution, seed=seed)
-    masks = postprocess_attention(raw, temperatures, threshold)
+    from `pipeline` (a loaded diffusers pipeline, a local folder or a hub id) with `prompt`
+    (`attention_maps`: capture, resolution, seed, timesteps, romap options), and post-process them
+    (`postprocess_attention`: temperatures, threshold, output, refine).
+
+    capture "auto" is "romap" for SD3 transformers and "ours" for UNets. Left as None,
+    temperatures / background / output follow the capture: "romap" 0.2, black, "soft" (RoMaP);
+    "ours" 1.0, white, "hard". refine: None, a callable `refine(image [3, H, W], mask [H, W])`,
+    "cascadepsp" or "module:function" (`romap_attention.refiner`).
+    """
+    from gendistill.core.guidance.load import load_pipeline
+    from gendistill.splat_edit.romap_attention import refiner
+
+    unknown = sorted(set(romap_options) - set(ROMAP_OPTIONS))
+    if unknown:
+        raise ValueError(f"attention mask source: unknown option(s) {unknown}")
+    pipe = load_pipeline(pipeline, device=device)
+    mode = resolve_capture(capture, _pipeline_kind(pipe))
+    temp0, bg0, out0 = CAPTURE_DEFAULTS[mode]
+    refine_fn = refiner(refine)
+    images = render_views(scene, cameras, background=bg0 if background is None else background, backend=backend)
+    raw = attention_maps(pipe, images, prompt, parts, capture=mode, timesteps=timesteps, resolution=resolution,
+                         seed=seed, **romap_options)
+    masks = postprocess_attention(raw, temp0 if temperatures is None else temperatures, threshold,
+                                  out0 if output is None else output, refine=refine_fn, images=images.cpu())
     return PartMasks(list(parts), masks, cameras, images)

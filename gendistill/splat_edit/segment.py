@@ -3,7 +3,10 @@ the attention maps of a diffusers pipeline.
 
     gendistill segment scene.ply --parts nose,hat --masks DIR --out OUT
     gendistill segment scene.ply --parts nose,hat --attention-model PATH \
-        --prompt "a snowman with a nose and a hat" --out OUT
+        --prompt "a snowman with a nose and a hat" --out OUT [--capture romap|ours] [--refine cascadepsp]
+
+The attention model may be an SD3-style transformer pipeline (capture "romap", RoMaP's, by default)
+or any text-conditioned UNet2DConditionModel pipeline, latent or pixel space (capture "ours").
 
 Writes OUT/labelled.ply (the scene with its label field: obj_dc_*, obj_rest_*, certainty),
 OUT/masks3d/<part>.npy (bool, one entry per Gaussian in input order), OUT/overlays/<view>.png
@@ -40,7 +43,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                                 "Gaussian belongs to the part")
     p.add_argument("--views", type=int, default=24, help="rendered views with --attention-model")
     p.add_argument("--size", type=int, default=512, help="view size in pixels with --attention-model")
-    p.add_argument("--temperatures", default="1.0", help="attention softmax temperature, one or one per part")
+    p.add_argument("--temperatures", default=None, help="attention softmax temperature, one or one per part "
+                                                         "(default: 0.2 with --capture romap, 1.0 with ours)")
+    p.add_argument("--capture", default="auto", choices=["auto", "romap", "ours"],
+                   help="attention capture: romap (RoMaP's, the default for SD3 transformers) or ours (the default "
+                        "for UNets)")
+    p.add_argument("--capture-size", type=int, default=None, help="image size the attention model sees (default: "
+                                                                  "512 for romap, the model's native size for ours)")
+    p.add_argument("--refine", default=None, help="attention mask refiner: cascadepsp or module:function "
+                                                  "(refine(image [3, H, W], mask [H, W]) -> mask)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", help="render backend: auto, cpu, torch, gsplat")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -86,18 +97,22 @@ def segment_cameras(scene, n: int = 24, size: int = 512, fov_deg: float = 45.0):
 
 def segment(scene_path: str | Path, parts: Sequence[str], out: str | Path, *, masks_dir: str | Path | None = None,
             attention_model=None, prompt: str | None = None, config=None, views: int = 24, size: int = 512,
-            temperatures: float | Sequence[float] = 1.0, device: str | None = None, progress: bool = True) -> dict:
+            temperatures: float | Sequence[float] | None = None, attention_options: dict | None = None,
+            device: str | None = None, progress: bool = True) -> dict:
     """Segment `parts` of a scene into 3D masks and write the outputs under `out` (see the module doc).
 
     Exactly one of `masks_dir` and `attention_model` (with `prompt`) gives the 2D masks; `config`
-    is a `GALPConfig`. Returns {"ply": path, "masks3d": {part: path}, "overlays": [paths],
-    "contact_sheet": path, "counts": {part: number of Gaussians}}.
+    is a `GALPConfig`; `attention_options` go to the "attention" mask source (`masks_from_attention`:
+    capture, resolution, refine, output, background, romap options, ...). Returns {"ply": path,
+    "masks3d": {part: path}, "overlays": [paths], "contact_sheet": path, "counts": {part: number of
+    Gaussians}}.
     """
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     from gendistill.core.io import atomic_path
+    from gendistill.core.runtime import resolve_device
     from gendistill.core.media import contact_sheet, write_image
     from gendistill.core.scene import GaussianScene
     from gendistill.splat_edit.galp import GALPConfig, train_label_field
@@ -109,15 +124,16 @@ def segment(scene_path: str | Path, parts: Sequence[str], out: str | Path, *, ma
     if attention_model is not None and not prompt:
         raise ValueError("--attention-model needs --prompt, a prompt that names every part")
     config = config or GALPConfig()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     out = Path(out)
     scene = GaussianScene.load_ply(scene_path).to(device)
     if masks_dir is not None:
         pm = get_part_masks("files", scene, parts, path=masks_dir)
     else:
         cams = segment_cameras(scene, views, size)
+        options = {"seed": config.seed, "backend": config.backend, **(attention_options or {})}
         pm = get_part_masks("attention", scene, parts, pipeline=attention_model, prompt=prompt, cameras=cams,
-                            temperatures=temperatures, seed=config.seed, backend=config.backend, device=device)
+                            temperatures=temperatures, device=device, **options)
     field = train_label_field(scene, pm.cameras, pm.masks.to(device), parts, config, progress=progress)
 
     result = {"ply": field.to_scene().save_ply(out / "labelled.ply"), "masks3d": {}, "overlays": []}
@@ -150,17 +166,21 @@ def run(args: argparse.Namespace) -> None:
     from gendistill.splat_edit.galp import GALPConfig
 
     parts = _parts(args.parts)
-    try:
-        temps = [float(t) for t in args.temperatures.split(",")]
-    except ValueError:
-        raise ValueError(f"--temperatures must be numbers separated by commas, got {args.temperatures!r}") from None
-    if len(temps) not in (1, len(parts)):
-        raise ValueError(f"--temperatures needs one value or one per part ({len(parts)}), got {len(temps)}")
+    temps = None
+    if args.temperatures is not None:
+        try:
+            temps = [float(t) for t in args.temperatures.split(",")]
+        except ValueError:
+            raise ValueError(f"--temperatures must be numbers separated by commas, got {args.temperatures!r}") from None
+        if len(temps) not in (1, len(parts)):
+            raise ValueError(f"--temperatures needs one value or one per part ({len(parts)}), got {len(temps)}")
+    options = {"capture": args.capture, "resolution": args.capture_size, "refine": args.refine}
     config = GALPConfig(steps=args.steps, sh_degree=args.sh_degree, threshold=args.threshold, seed=args.seed,
                         backend=args.backend)
     res = segment(args.scene, parts, args.out, masks_dir=args.masks, attention_model=args.attention_model,
                   prompt=args.prompt, config=config, views=args.views, size=args.size,
-                  temperatures=temps[0] if len(temps) == 1 else temps, device=args.device,
+                  temperatures=temps if temps is None or len(temps) > 1 else temps[0],
+                  attention_options=options if args.attention_model else None, device=args.device,
                   progress=not args.no_progress)
     out = Path(args.out)
     print(f"labelled scene: {res['ply']}")
