@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gendistill edit --config configs/splat_edit/demo_cpu.yaml
 	$(PY) tools/check_demo.py --run outputs/demo
-	@echo "demo report: outputs/demo/report.html"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/gendistill edit --config configs/splat_edit/demo_prompt_cpu.yaml
+	$(PY) tools/check_demo.py --run outputs/demo-prompt --max-outside 0.02
+	@echo "demo reports: outputs/demo/report.html, outputs/demo-prompt/report.html (the part found from the prompt alone)"
 
 # tests run 2-process torchrun jobs next to numba threads: idle OpenMP threads must not spin
 test: $(STAMP)

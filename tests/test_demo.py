@@ -74,3 +74,24 @@ def test_demo_edit_turns_the_hat_blue_and_nothing_else(offline, tmp_path):
     assert figures["edit_mask_missed"] < 0.2 * figures["hat_gaussians"]
     assert figures["edit_mask_false_positives"] == 0
     assert (tmp_path / "report.html").is_file()
+
+
+def test_demo_from_the_prompt_alone_finds_and_edits_the_hat(offline, tmp_path):
+    """demo_prompt_cpu.yaml: no mask files; the tiny model's attention for "hat" gives the 3D mask
+    (fewer, smaller views here than `make demo` uses, to keep the test short)."""
+    from gendistill.core.scene import GaussianScene
+    from gendistill.splat_edit.edit_config import load_edit_config
+    from gendistill.splat_edit.editor import run_edit
+
+    check = _tool("check_demo")
+    cfg = load_edit_config(ROOT / "configs/splat_edit/demo_prompt_cpu.yaml",
+                           [f"out={tmp_path}", "report.turntable_frames=4", "steps=120",
+                            "segment.mask_options={pipeline: assets/models/snowman-tiny, views: 12, size: 256}"])
+    assert cfg.segment.mask_source == "attention" and "path" not in cfg.segment.mask_options
+    result = run_edit(cfg, progress=False)
+    before, after = GaussianScene.load_ply(cfg.scene), GaussianScene.load_ply(result.scene)
+    figures = check.demo_figures(before, after, edit_mask=np.load(tmp_path / "masks3d" / "hat.npy"))
+    assert check.check(figures, max_outside=0.02) == [], figures
+    found = figures["edit_mask_gaussians"] - figures["edit_mask_false_positives"]
+    iou = found / (figures["edit_mask_gaussians"] + figures["edit_mask_missed"])
+    assert iou > 0.6 and figures["edit_mask_false_positives"] < 0.02 * figures["hat_gaussians"], figures

@@ -7,8 +7,9 @@ Figures (from the input scene and the run's edited.ply, indexed alike since the 
 - hat colour: the mean SH DC colour (as RGB) of the hat Gaussians (the scene's `part` property,
   not the segmentation) before and after; the target channel must be the largest and the mean must
   move by >= 0.2 (Euclidean, RGB in [0, 1]).
-- outside: every Gaussian outside the true hat (the scene's `part` property) byte-identical, and
-  every Gaussian outside the edit's 3D mask (the run's masks3d/hat.npy) too.
+- outside: every Gaussian outside the true hat (the scene's `part` property) byte-identical (with
+  `--max-outside F`, at most F x the hat's size may change there: a segmentation from the prompt
+  alone is not the ground truth), and every Gaussian outside the edit's 3D mask (masks3d/hat.npy) too.
 - views: 24 orbit views rendered before / after; in the true hat's pixels the target colour's share
   (e.g. blue: B - (R + G) / 2) must rise in >= 90% of them.
 Exit status 1 when a check fails.
@@ -96,15 +97,16 @@ def demo_figures(before: GaussianScene, after: GaussianScene, *, part: str = "ha
     return out
 
 
-def check(figures: dict, min_moved: float = 0.2, min_views: float = 0.9) -> list[str]:
+def check(figures: dict, min_moved: float = 0.2, min_views: float = 0.9, max_outside: float = 0.0) -> list[str]:
     """The failed checks, as sentences (empty: all passed)."""
     fails = []
     if not figures["target_largest"]:
         fails.append(f"the target channel is not the largest of the hat's mean colour {figures['hat_mean_after']}")
     if figures["hat_mean_moved"] < min_moved:
         fails.append(f"the hat's mean colour moved by {figures['hat_mean_moved']} < {min_moved}")
-    if figures["changed_outside_true_part"]:
-        fails.append(f"{figures['changed_outside_true_part']} Gaussians outside the true part changed")
+    if figures["changed_outside_true_part"] > max_outside * figures["hat_gaussians"]:
+        fails.append(f"{figures['changed_outside_true_part']} Gaussians outside the true part changed "
+                     f"(allowed: {max_outside:.0%} of its {figures['hat_gaussians']})")
     if figures.get("changed_outside_edit_mask", 0):
         fails.append(f"{figures['changed_outside_edit_mask']} Gaussians outside the edit's 3D mask changed")
     if figures["views_more_target"] < min_views:
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--part", default="hat")
     p.add_argument("--colour", default="blue", choices=sorted(CHANNEL))
     p.add_argument("--min-moved", type=float, default=0.2)
+    p.add_argument("--max-outside", type=float, default=0.0,
+                   help="changes allowed outside the true part, as a fraction of its size (prompt-only runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     before = GaussianScene.load_ply(args.scene)
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     figures = demo_figures(before, after, part=args.part, colour=args.colour, edit_mask=edit_mask)
     figures["colour"] = args.colour
     print(json.dumps(figures, indent=1))
-    fails = check(figures, args.min_moved)
+    fails = check(figures, args.min_moved, max_outside=args.max_outside)
     for f in fails:
         print(f"FAIL: {f}")
     print("demo check: " + ("passed" if not fails else f"{len(fails)} check(s) failed"))
