@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = ["Cameras", "CameraFormatError", "look_at", "intrinsics_from_fov", "orbit_path", "spiral_path",
-           "load_transforms_json", "load_colmap", "load_cameras"]
+           "load_transforms_json", "load_colmap", "load_cameras", "ring_basis"]
 
 # OpenGL / NeRF camera axes (+y up, +z backward) <-> OpenCV (+y down, +z forward)
 _GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
@@ -174,7 +174,7 @@ def intrinsics_from_fov(fov_deg: float, width: int, height: int) -> torch.Tensor
     return torch.tensor([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]])
 
 
-def _ring_basis(up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ring_basis(up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unit up u and two unit vectors a, b spanning the plane orthogonal to it (b = u x a)."""
     u = up / up.norm()
     axis = torch.eye(3, dtype=torch.float64)[int(torch.argmin(u.abs()))]
@@ -190,7 +190,7 @@ def _ring(center, radius, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor
     upv = torch.as_tensor(up, dtype=torch.float64).reshape(3)
     if upv.norm() < 1e-12:
         raise ValueError("up must be a non-zero vector")
-    u, a, b = _ring_basis(upv)
+    u, a, b = ring_basis(upv)
     az, el = torch.deg2rad(azimuth_deg.double()), torch.deg2rad(elevation_deg.double())
     radius = torch.as_tensor(radius, dtype=torch.float64)
     dirs = (el.cos() * az.cos())[:, None] * a + (el.cos() * az.sin())[:, None] * b + el.sin()[:, None] * u

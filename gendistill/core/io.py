@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Iterator
 
 
+__all__ = ["atomic_path"]
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`.

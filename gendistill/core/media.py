@@ -13,6 +13,8 @@ import torch
 from gendistill.core.io import atomic_path
 
 
+__all__ = ["to_uint8", "write_image", "write_video", "read_video", "contact_sheet"]
+
 def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """[..., H, W, C] float in [0, 1] (or uint8) -> uint8 numpy, clipped; 1 channel is repeated to RGB."""
     if isinstance(image, torch.Tensor):

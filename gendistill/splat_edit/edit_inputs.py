@@ -104,9 +104,9 @@ def scene_radius(scene: GaussianScene) -> float:
 def camera_angles(cameras: Cameras, center: Tensor, up, front_deg: float = 0.0) -> tuple[Tensor, Tensor]:
     """([C] azimuth, [C] elevation) in degrees of the camera centres around `center`, in the ring's
     convention (azimuth 0 = orbit_path's start direction), azimuth shifted so `front_deg` is 0."""
-    from gendistill.core.cameras import _ring_basis
+    from gendistill.core.cameras import ring_basis
 
-    u, a, b = _ring_basis(torch.as_tensor(up, dtype=torch.float64))
+    u, a, b = ring_basis(torch.as_tensor(up, dtype=torch.float64))
     d = cameras.centers().double().cpu() - center.double().cpu()
     d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     elevation = torch.rad2deg(torch.asin((d @ u).clamp(-1, 1)))

@@ -17,6 +17,8 @@ from gendistill.core.guidance.rfds import RFDSGuidance, is_flow_matching  # noqa
 from gendistill.core.guidance.schedule import check_t_range, check_weighting
 from gendistill.core.guidance.sds import SDSGuidance, has_beta_schedule  # noqa: F401
 
+__all__ = ["CPU_OFFLOAD", "detect_kind", "load_pipeline", "load_guidance"]
+
 CPU_OFFLOAD = (None, "model", "sequential")
 
 

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
+__all__ = ["Embeds", "view_suffix", "batch_prompts", "PromptCache", "encoder_for"]
+
 Embeds = dict  # name -> [B, ...] tensor, passed to the denoiser as keyword arguments
 
 

@@ -38,6 +38,24 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+__all__ = [
+    "TEXT_DIM",
+    "MAX_TOKENS",
+    "tiny_tokenizer",
+    "tiny_text_encoder",
+    "tiny_vae",
+    "tiny_unet",
+    "sd_scheduler",
+    "tiny_sd_pipeline",
+    "tiny_ip2p_pipeline",
+    "tiny_sd3_transformer",
+    "tiny_sd3_pipeline",
+    "TinyPixelPipeline",
+    "tiny_pixel_pipeline",
+    "tiny_ddpm_pipeline",
+    "BUILDERS",
+]
+
 TEXT_DIM = 32
 MAX_TOKENS = 48
 

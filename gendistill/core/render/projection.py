@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+__all__ = ["ALPHA_THRESHOLD", "MAX_EXTEND", "quat_to_rotmat", "covariance_3d", "project_gaussians"]
+
 ALPHA_THRESHOLD = 1.0 / 255.0  # fragments (and Gaussians) fainter than this are skipped
 MAX_EXTEND = 3.33  # radius of the screen-space bounding box, in standard deviations
 

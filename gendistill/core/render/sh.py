@@ -6,6 +6,17 @@ import math
 
 import torch
 
+__all__ = [
+    "SH_C0",
+    "num_sh_bases",
+    "sh_degree_from_bases",
+    "sh_basis",
+    "eval_sh",
+    "sh_colors",
+    "rgb_to_sh",
+    "sh_to_rgb",
+]
+
 SH_C0 = 0.28209479177387814  # 1 / (2 sqrt(pi))
 
 

@@ -18,6 +18,16 @@ from torch import Tensor
 
 from .projection import ALPHA_THRESHOLD
 
+__all__ = [
+    "tile_boxes",
+    "touched_tiles",
+    "boxes_touch",
+    "tile_intersections",
+    "rasterize_to_pixels_torch",
+    "check_pixel_mask",
+    "pixel_votes",
+]
+
 MAX_ALPHA = 0.999
 T_EPS = 1e-4  # a fragment that would bring transmittance to this or below ends the pixel
 BLOCK = 128  # Gaussians per block
