@@ -64,7 +64,7 @@ def _arch_only(pipe, folder: Path) -> Path:
 
 
 def test_random_pipeline_rebuilds_the_architecture(tmp_path):
-    from gendistill.core.guidance.tiny import tiny_sd3_pipeline
+    from gendistill.testing.diffusion import tiny_sd3_pipeline
 
     real = tiny_sd3_pipeline()
     folder = _arch_only(real, tmp_path / "sd3")
@@ -106,7 +106,7 @@ def test_missing_architecture_config_names_the_folder_to_add(tmp_path, capsys):
 
 
 def test_edit_runs_on_random_weights(tmp_path):
-    from gendistill.core.guidance.tiny import tiny_ip2p_pipeline
+    from gendistill.testing.diffusion import tiny_ip2p_pipeline
 
     folder = _arch_only(tiny_ip2p_pipeline(), tmp_path / "ip2p")
     out = tmp_path / "run"
@@ -121,7 +121,7 @@ def test_edit_runs_on_random_weights(tmp_path):
 
 
 def test_finetune_runs_on_random_weights(tmp_path):
-    from gendistill.video_distill.tiny import tiny_pipeline, tiny_videomae
+    from gendistill.testing.video import tiny_pipeline, tiny_videomae
 
     cog = _arch_only(tiny_pipeline(), tmp_path / "cog")
     vmae = tmp_path / "vmae"

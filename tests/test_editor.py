@@ -26,8 +26,8 @@ from gendistill.splat_edit.editor import (
     pick_anchor_views,
     remove_prior,
     run_edit,
-    write_tiny_pipeline,
 )
+from gendistill.testing.diffusion import write_tiny_pipeline
 from gendistill.splat_edit.report import loss_curve_image, psnr_outside
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def models(tmp_path_factory):
     """Tiny SD3 and InstructPix2Pix pipelines and a tiny CLIP, saved once per module."""
     from transformers import CLIPConfig, CLIPModel
 
-    from gendistill.core.guidance.tiny import MAX_TOKENS, tiny_tokenizer
+    from gendistill.testing.diffusion import MAX_TOKENS, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
     torch.manual_seed(0)

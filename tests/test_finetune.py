@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from gendistill.config import ConfigError, load_config
-from gendistill.video_distill.tiny import write_tiny_models
+from gendistill.testing.video import write_tiny_models
 from gendistill.video_distill.trainer import FinetuneConfig, VideoREPATrainer, diffusion_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def tiny_cfg(tiny_models, out, *overrides):
 def test_diffusion_loss_is_cogvideox_v_prediction_loss():
     from diffusers import CogVideoXDPMScheduler
 
-    from gendistill.video_distill.tiny import tiny_scheduler
+    from gendistill.testing.video import tiny_scheduler
 
     sched = tiny_scheduler()
     assert isinstance(sched, CogVideoXDPMScheduler)

@@ -12,7 +12,7 @@ from gendistill.core.guidance import (
     t_bounds,
     view_suffix,
 )
-from gendistill.core.guidance.tiny import (
+from gendistill.testing.diffusion import (
     TinyPixelPipeline,
     tiny_ddpm_pipeline,
     tiny_ip2p_pipeline,

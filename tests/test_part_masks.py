@@ -144,7 +144,7 @@ def test_callable_source():
 # ---------------------------------------------------------------------- attention
 @pytest.fixture(scope="module")
 def pipes():
-    from gendistill.core.guidance.tiny import tiny_pixel_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+    from gendistill.testing.diffusion import tiny_pixel_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
     return {"sd": tiny_sd_pipeline(), "sd3": tiny_sd3_pipeline(), "pixel": tiny_pixel_pipeline()}
 
@@ -216,7 +216,7 @@ def deep_sd3(layers: int = 3):
     """The tiny SD3 pipeline with a `layers`-block transformer (the tiny one has a single block)."""
     from diffusers import SD3Transformer2DModel
 
-    from gendistill.core.guidance.tiny import tiny_sd3_pipeline, tiny_sd3_transformer
+    from gendistill.testing.diffusion import tiny_sd3_pipeline, tiny_sd3_transformer
 
     pipe = tiny_sd3_pipeline()
     cfg = {k: v for k, v in tiny_sd3_transformer().config.items() if not k.startswith("_")}

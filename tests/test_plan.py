@@ -17,8 +17,8 @@ TINY_EDIT = ROOT / "configs" / "splat_edit" / "tiny_cpu.yaml"
 @pytest.fixture(scope="module")
 def tiny_archs(tmp_path_factory):
     """Architecture-only folders (no weights) of the tiny CogVideoX, VideoMAE and SD3 pipelines."""
-    from gendistill.core.guidance.tiny import tiny_sd3_pipeline
-    from gendistill.video_distill.tiny import tiny_pipeline, tiny_videomae
+    from gendistill.testing.diffusion import tiny_sd3_pipeline
+    from gendistill.testing.video import tiny_pipeline, tiny_videomae
 
     root = tmp_path_factory.mktemp("archs")
     tiny_pipeline().save_pretrained(root / "cog")
@@ -35,7 +35,7 @@ def _finetune_overrides(archs):
 
 
 def test_plan_reports_models_memory_and_flops(tiny_archs, capsys):
-    from gendistill.video_distill.tiny import tiny_pipeline
+    from gendistill.testing.video import tiny_pipeline
 
     code = cli_main(["plan", "--config", str(TINY_FT), "--json", *_finetune_overrides(tiny_archs)])
     assert code == 0
@@ -73,7 +73,7 @@ def _real_peak(cfg_overrides) -> int:
 
 @pytest.mark.parametrize("extra", [[], ["batch_size=2", "gradient_checkpointing=false"]], ids=["default", "b2-nockpt"])
 def test_plan_memory_is_within_25_percent_of_a_real_step(tiny_archs, extra):
-    from gendistill.video_distill.tiny import tiny_pipeline, tiny_videomae
+    from gendistill.testing.video import tiny_pipeline, tiny_videomae
 
     real_dir = tiny_archs / "real"
     if not real_dir.exists():
@@ -85,7 +85,7 @@ def test_plan_memory_is_within_25_percent_of_a_real_step(tiny_archs, extra):
 
 
 def test_edit_plan_counts_the_guidance_models(tiny_archs):
-    from gendistill.core.guidance.tiny import tiny_sd3_pipeline
+    from gendistill.testing.diffusion import tiny_sd3_pipeline
 
     result = plan_config(TINY_EDIT, [f"guidance.model={tiny_archs / 'sd3'}", "guidance.tiny=null",
                                      "scene=assets/scenes/snowman.ply"])

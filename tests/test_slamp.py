@@ -5,7 +5,7 @@ import torch
 
 from gendistill.core.guidance import load_guidance
 from gendistill.splat_edit import SLaMPConfig, mix_latents, mixing_weight, slamp_edit
-from gendistill.core.guidance.tiny import tiny_ip2p_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from gendistill.testing.diffusion import tiny_ip2p_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
 H = 32
 

@@ -131,7 +131,7 @@ def test_fingerprint_changes_with_content_caption_and_settings(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline_dir(tmp_path_factory):
-    from gendistill.video_distill.tiny import write_tiny_models
+    from gendistill.testing.video import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny"))["cogvideox"]
 

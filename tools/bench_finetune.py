@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gendistill.config import load_config  # noqa: E402
-from gendistill.video_distill.tiny import write_tiny_models  # noqa: E402
+from gendistill.testing.video import write_tiny_models  # noqa: E402
 from gendistill.video_distill.trainer import FinetuneConfig, VideoREPATrainer  # noqa: E402
 
 VARIANTS = {

@@ -116,7 +116,7 @@ def bench(guidance, size: int, batch: int, steps: int, prompt: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["sd", "sd_v", "sd3", "ip2p"],
-                   help="tiny pipelines from gendistill/core/guidance/tiny.py")
+                   help="tiny pipelines from gendistill/testing/diffusion.py")
     p.add_argument("--model", help="a hub id or local folder instead of the tiny pipelines")
     p.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
     p.add_argument("--batch", type=int, default=1)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         cases = [(args.model, lambda: args.model)]
     else:
-        from gendistill.core.guidance.tiny import BUILDERS
+        from gendistill.testing.diffusion import BUILDERS
 
         cases = [(name, BUILDERS[name]) for name in args.models]
     print(f"device {args.device}, batch {args.batch}, median of {args.steps} timed steps after one warm-up, "

@@ -23,7 +23,7 @@ from gendistill.splat_edit.edit_config import EditConfig, GuidanceConfig
 
 __all__ = [
     "check_inputs", "load_scene", "make_cameras", "scene_radius", "camera_angles",
-    "visible_gaussians", "segment_part", "write_tiny_pipeline", "guidance_options", "load_edit_guidance",
+    "visible_gaussians", "segment_part", "guidance_options", "load_edit_guidance",
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -218,25 +218,6 @@ def _mask_from_galp(scene: GaussianScene, cfg: EditConfig, cameras: Cameras, wor
 
 
 # ---------------------------------------------------------------------- guidance
-def write_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
-    """Write the tiny `kind` ("sd", "sd3", "ip2p") pipeline of `gendistill.core.guidance.tiny` to `folder`
-    with save_pretrained (atomically: a temporary folder renamed)."""
-    from gendistill.core.guidance.tiny import BUILDERS
-
-    folder = Path(folder)
-    pipe = BUILDERS[kind]()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
-    pipe.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process wrote it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def guidance_options(cfg: GuidanceConfig) -> dict:
     """The `load_guidance` arguments of a GuidanceConfig, other than the model and where it loads."""
     options = dict(cfg.options)
@@ -251,6 +232,8 @@ def load_edit_guidance(cfg: GuidanceConfig, device: torch.device):
     from gendistill.core.guidance import load_guidance
 
     if cfg.tiny is not None and not Path(cfg.model).exists():
+        from gendistill.testing.diffusion import write_tiny_pipeline
+
         write_tiny_pipeline(cfg.tiny, cfg.model)
     return load_guidance(cfg.model, dtype=cfg.dtype, device=None if cfg.cpu_offload else device,
                          cpu_offload=cfg.cpu_offload, pipeline_kwargs=dict(cfg.pipeline_kwargs),

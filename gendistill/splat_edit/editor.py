@@ -51,7 +51,6 @@ from gendistill.splat_edit.edit_inputs import (
     scene_radius,
     segment_part,
     visible_gaussians,
-    write_tiny_pipeline,
 )
 
 __all__ = [
@@ -59,7 +58,6 @@ __all__ = [
     "background_gaussians", "anchor_stage", "PartEditor", "Anchors", "StopRequest", "EditResult",
     # re-exported from edit_inputs
     "check_inputs", "make_cameras", "camera_angles", "visible_gaussians", "segment_part", "load_edit_guidance",
-    "write_tiny_pipeline",
 ]
 
 

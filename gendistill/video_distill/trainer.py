@@ -70,7 +70,7 @@ class ModelConfig:
     variant: Optional[str] = None
     vae_slicing: bool = True
     vae_tiling: bool = False
-    tiny: bool = False  # write the tiny models (gendistill.video_distill.tiny) to pretrained / teacher.path if missing
+    tiny: bool = False  # write the tiny models (gendistill.testing.video) to pretrained / teacher.path if missing
 
 
 @dataclass
@@ -396,7 +396,7 @@ class VideoREPATrainer:
         cfg = self.cfg
         if not cfg.model.tiny:
             return
-        from gendistill.video_distill.tiny import tiny_pipeline, tiny_videomae, _save_atomically
+        from gendistill.testing.video import tiny_pipeline, tiny_videomae, _save_atomically
 
         if self.accelerator.is_main_process:
             pipe_dir = Path(cfg.model.pretrained)

@@ -89,6 +89,11 @@ def load_pipeline(
         pipe = random_pipeline(model, dtype=dtype, device=device if cpu_offload is None else None,
                                **pipeline_kwargs)
     elif isinstance(model, (str, os.PathLike)):
+        text = str(model)
+        local = isinstance(model, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1
+        if local and not os.path.isdir(os.path.expanduser(text)):  # a hub id is "namespace/name"
+            raise FileNotFoundError(f"model folder {text} does not exist (give a local folder written by "
+                                    "save_pretrained, or a hub id like stabilityai/stable-diffusion-2-1-base)")
         kwargs = dict(pipeline_kwargs)
         try:
             index = DiffusionPipeline.load_config(model)

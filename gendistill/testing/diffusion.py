@@ -14,6 +14,9 @@ step in milliseconds on a CPU, seeded so two calls give identical weights:
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -54,6 +57,7 @@ __all__ = [
     "tiny_pixel_pipeline",
     "tiny_ddpm_pipeline",
     "BUILDERS",
+    "write_tiny_pipeline",
 ]
 
 TEXT_DIM = 32
@@ -185,3 +189,20 @@ BUILDERS = {
     "pixel": tiny_pixel_pipeline,
     "ddpm": tiny_ddpm_pipeline,
 }
+
+
+def write_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
+    """Write the tiny `kind` ("sd", "sd3", "ip2p") pipeline of `gendistill.testing.diffusion` to `folder`
+    with save_pretrained (atomically: a temporary folder renamed)."""
+    folder = Path(folder)
+    pipe = BUILDERS[kind]()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
+    pipe.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process wrote it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
