@@ -16,6 +16,7 @@ import imageio.v3 as iio
 import torch
 from tqdm.auto import tqdm
 
+from gendistill.core.render import BACKENDS
 from gendistill.core.runtime import resolve_device
 from gendistill.core.cameras import Cameras, load_cameras, orbit_path, spiral_path
 from gendistill.core.media import contact_sheet, to_uint8, write_image, write_video
@@ -48,6 +49,8 @@ class RenderJob:
             raise ValueError(f"--path must be one of {', '.join(PATHS)}, got {self.path!r}")
         if self.frames < 1:
             raise ValueError(f"--frames must be at least 1, got {self.frames}")
+        if self.backend != "auto":
+            BACKENDS.get_entry(self.backend)  # an unknown name fails here, before any scene loads
 
 
 def parse_size(text: str) -> tuple[int, int]:

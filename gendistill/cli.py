@@ -49,8 +49,42 @@ def _run_render(args) -> None:
             print(f"rendered {folder.name}: {folder}/")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gendistill")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def config_keys(cls) -> str:
+    """One line per top-level key of a config dataclass: name, type and default (or "required")."""
+    from dataclasses import MISSING, fields, is_dataclass
+
+    lines = []
+    for f in fields(cls):
+        if is_dataclass(f.type) or (f.default_factory is not MISSING and is_dataclass(f.default_factory)):
+            value = "section"
+        elif f.default is not MISSING:
+            value = f"default {f.default!r}" if f.default != "???" else "required"
+        elif f.default_factory is not MISSING:
+            value = f"default {f.default_factory()!r}"
+        else:
+            value = "required"
+        kind = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
+        lines.append(f"  {f.name:<28} {kind}, {value}")
+    return "\n".join(lines)
+
+
+# the config dataclass of each config-based command, for its help's key list
+CONFIGS = {"edit": ("gendistill.splat_edit.edit_config", "EditConfig"),
+           "finetune": ("gendistill.video_distill.trainer", "FinetuneConfig")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gendistill", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gendistill {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_render(sub)
     add_finetune_parser(sub)
@@ -62,17 +96,49 @@ def build_parser() -> argparse.ArgumentParser:
         sub.choices[name].add_argument("--dry-run", action="store_true",
                                        help="print `gendistill plan` for this command line (full size, no weights, "
                                             "no GPU) and exit")
+    for name, p in sub.choices.items():  # the same conventions for every command
+        p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        p.add_argument("--debug", action="store_true", help="on error, the full traceback instead of one line")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name in CONFIGS or name == "plan":
+            p.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
+        if name in CONFIGS:
+            import importlib
+
+            module, cls = CONFIGS[name]
+            p.epilog = "config keys (top level; key=value overrides, dotted for sections):\n" + config_keys(
+                getattr(importlib.import_module(module), cls))
+            p.formatter_class = _Formatter
     return parser
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog's key list kept as written."""
+
+
+def _message(err: Exception) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)  # no doubled quotes
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar, ours and the libraries'
     if getattr(args, "dry_run", False):
         args.json, args.gpu, args.gpu_memory, args.run = False, None, None, run_plan
     try:
+        if getattr(args, "print_config", False):
+            from gendistill.config import to_yaml
+
+            print(to_yaml(args.load_config(args)), end="")
+            return 0
         args.run(args)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"gendistill {args.command}: error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"gendistill {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     return 0
 

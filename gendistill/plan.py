@@ -319,23 +319,27 @@ def _plan_edit(cfg) -> dict:
     return result
 
 
+def load_plan_config(config: str | Path, overrides=()) -> tuple[str, object]:
+    """("edit" | "finetune", the merged and checked config) of `config` + `key=value` overrides."""
+    from gendistill.config import load_config
+
+    kind = _kind(config)
+    if kind == "edit":
+        from gendistill.splat_edit.edit_config import EditConfig
+
+        return kind, load_config(EditConfig, config, [*overrides, *_edit_placeholders(overrides)])
+    from gendistill.video_distill.trainer import FinetuneConfig, check_config
+
+    cfg = load_config(FinetuneConfig, config, overrides)
+    check_config(cfg)
+    return kind, cfg
+
+
 def plan_config(config: str | Path, overrides=()) -> dict:
     """The plan of one step of `config` (+ `key=value` overrides) at full size, as a JSON-able dict."""
     start = time.perf_counter()
-    kind = _kind(config)
-    if kind == "edit":
-        from gendistill.config import load_config
-        from gendistill.splat_edit.edit_config import EditConfig
-
-        cfg = load_config(EditConfig, config, [*overrides, *_edit_placeholders(overrides)])
-        result = _plan_edit(cfg)
-    else:
-        from gendistill.config import load_config
-        from gendistill.video_distill.trainer import FinetuneConfig, check_config
-
-        cfg = load_config(FinetuneConfig, config, overrides)
-        check_config(cfg)
-        result = _plan_finetune(cfg)
+    kind, cfg = load_plan_config(config, overrides)
+    result = _plan_edit(cfg) if kind == "edit" else _plan_finetune(cfg)
     result.update(config=str(config), kind=kind, seconds=round(time.perf_counter() - start, 1))
     util, overhead = UTILISATION[kind]
     result["gpus"] = {name: {"memory_gib": mem, "fits": result["peak_memory_bytes"] <= mem * 2**30 * 0.95,
@@ -412,7 +416,7 @@ def add_plan_parser(subparsers):
     p.add_argument("--gpu", choices=sorted(GPUS), help="say whether it fits on this GPU, and what would make it fit")
     p.add_argument("--gpu-memory", type=float, help="the same for a GPU with this many GiB")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(run=run_plan)
+    p.set_defaults(run=run_plan, load_config=lambda args: load_plan_config(args.config, args.overrides)[1])
     return p
 
 

@@ -30,7 +30,7 @@ def test_repa_loss_gradient_and_errors():
         repa_loss(s, torch.randn(2, 4, 8))
     bad = t.clone()
     bad[0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="teacher features contain NaN"):
+    with pytest.raises(ValueError, match="teacher features contain 1 NaN"):
         repa_loss(s, bad)
 
 

@@ -110,7 +110,7 @@ def test_edit_runs_on_random_weights(tmp_path):
 
     folder = _arch_only(tiny_ip2p_pipeline(), tmp_path / "ip2p")
     out = tmp_path / "run"
-    code = cli_main(["edit", "--config", str(ROOT / "configs/splat_edit/tiny_cpu.yaml"), "--quiet", f"scene={SCENE}",
+    code = cli_main(["edit", "--config", str(ROOT / "configs/splat_edit/tiny_cpu.yaml"), "--no-progress", f"scene={SCENE}",
                      "part=hat", "prompt=a snowman", "edit_prompt=make the hat gold", f"out={out}", "steps=2",
                      f"guidance.model=random:{folder}", "guidance.tiny=null", "guidance.kind=auto",
                      "report.turntable_frames=4", "report.grid_views=2"])

@@ -64,7 +64,7 @@ def _overrides(out, models, *extra):
 def run(models, tmp_path_factory):
     """One edit of 3 steps through the `gendistill edit` entry, with CLIP metrics."""
     out = tmp_path_factory.mktemp("edit") / "run"
-    assert cli_main(["edit", "--config", str(CONFIG), "--quiet",
+    assert cli_main(["edit", "--config", str(CONFIG), "--no-progress",
                      *_overrides(out, models, "steps=3", f"report.clip_model={models['clip']}")]) == 0
     return out
 
@@ -140,7 +140,7 @@ def test_ctrl_c_in_a_cli_subprocess(models, tmp_path):
     import time
 
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "gendistill", "edit", "--config", str(CONFIG), "--quiet",
+    cmd = [sys.executable, "-m", "gendistill", "edit", "--config", str(CONFIG), "--no-progress",
            *_overrides(out, models, "steps=100000", "densify.enabled=false")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_edit_parser", "run_edit_command"]
+__all__ = ["add_edit_parser", "run_edit_command", "load_edit_command_config"]
 
 
 def add_edit_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,17 +21,23 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
                     "turntable.mp4, loss_curve.png, summary.json and report.html. Ctrl-C stops after the current "
                     "step and still writes a complete result.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/splat_edit/tiny_cpu.yaml")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help='config overrides, e.g. scene=s.ply part=hat edit_prompt="a gold hat" out=runs/a steps=500')
-    p.set_defaults(run=run_edit_command)
+    p.set_defaults(run=run_edit_command, load_config=load_edit_command_config)
     return p
+
+
+def load_edit_command_config(args):
+    """The merged EditConfig of this command line (`--print-config`, `--dry-run`)."""
+    from gendistill.splat_edit.edit_config import load_edit_config
+
+    return load_edit_config(args.config, args.overrides)
 
 
 def run_edit_command(args) -> None:
     from gendistill.splat_edit.edit_config import load_edit_config
     from gendistill.splat_edit.editor import run_edit
 
-    result = run_edit(load_edit_config(args.config, args.overrides), progress=not args.quiet)
+    result = run_edit(load_edit_config(args.config, args.overrides), progress=not args.no_progress)
     print(f"edit: {result.summary['steps']} steps, outputs in {result.out}/")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_finetune_parser", "add_generate_parser", "run_finetune", "run_generate"]
+__all__ = ["add_finetune_parser", "add_generate_parser", "load_finetune_config", "run_finetune", "run_generate"]
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
@@ -20,8 +20,16 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                     "resume_from_checkpoint=latest).")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/video_distill/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.set_defaults(run=run_finetune)
+    p.set_defaults(run=run_finetune, load_config=load_finetune_config)
     return p
+
+
+def load_finetune_config(args):
+    """The merged FinetuneConfig of this command line (`--print-config`)."""
+    from gendistill.config import load_config
+    from gendistill.video_distill.trainer import FinetuneConfig
+
+    return load_config(FinetuneConfig, args.config, args.overrides)
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:

@@ -310,7 +310,7 @@ def _check_finite(loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tens
     for name, t in (("student", student), ("teacher", teacher)):
         bad = ~torch.isfinite(t.detach())
         if bool(bad.any()):
-            raise ValueError(f"{name} features contain NaN/inf values ({int(bad.sum())} of {t.numel()})")
+            raise ValueError(f"{name} features contain {int(bad.sum())} NaN/inf values (of {t.numel()})")
     raise ValueError(f"{name} loss is not finite ({loss.item()}) although the inputs are")
 
 
