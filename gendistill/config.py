@@ -28,8 +28,25 @@ def _merge(base, other, source: str):
     except ConfigKeyError as err:
         raise ConfigError(f"{source}: unknown key {err.full_key!r}") from None
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
+        key = getattr(err, "full_key", None) or _section_given_a_value(base, other)
+        section = OmegaConf.select(base, key) if key else None
+        if OmegaConf.is_dict(section):
+            example = next(iter(section), "key")
+            raise ConfigError(f"{source}: {key!r} is a section, not a value; set its keys, e.g. "
+                              f"{key}.{example}=...") from None
         raise ConfigError(f"{source}: bad value for {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
+
+
+def _section_given_a_value(base, other) -> str | None:
+    """The first key of `other` that gives a plain value where `base` has a section (OmegaConf names none)."""
+    for key in other:
+        if OmegaConf.is_dict(base.get(key)) and not OmegaConf.is_dict(other[key]):
+            return str(key)
+        if OmegaConf.is_dict(base.get(key)) and OmegaConf.is_dict(other[key]):
+            inner = _section_given_a_value(base[key], other[key])
+            if inner:
+                return f"{key}.{inner}"
+    return None
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:

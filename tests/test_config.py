@@ -58,3 +58,13 @@ def test_mixed_precision_no_survives_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("mixed_precision: no\n")
     assert load_config(FinetuneConfig, path).mixed_precision == "no"
+
+
+def test_a_value_for_a_section_says_what_the_section_expects():
+    from gendistill.splat_edit.edit_config import EditConfig
+
+    required = ["scene=s.ply", "part=p", "edit_prompt=e", "out=o", "guidance.model=m"]
+    with pytest.raises(ConfigError, match=r"'cameras' is a section, not a value; set its keys, e\.g\. cameras\."):
+        load_config(EditConfig, None, [*required, "cameras=3"])
+    with pytest.raises(ConfigError, match=r"'guidance\.options' is a section"):
+        load_config(EditConfig, None, [*required, "guidance.options=3"])
