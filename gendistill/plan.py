@@ -328,7 +328,7 @@ def load_plan_config(config: str | Path, overrides=()) -> tuple[str, object]:
         from gendistill.splat_edit.edit_config import EditConfig
 
         return kind, load_config(EditConfig, config, [*overrides, *_edit_placeholders(overrides)])
-    from gendistill.video_distill.trainer import FinetuneConfig, check_config
+    from gendistill.video_distill.finetune_config import FinetuneConfig, check_config
 
     cfg = load_config(FinetuneConfig, config, overrides)
     check_config(cfg)

@@ -50,7 +50,7 @@ def test_missing_file(tmp_path):
 
 def test_mixed_precision_no_survives_yaml(tmp_path):
     """`mixed_precision=no` (and a bare `no` in a file) is read by YAML 1.1 as false; it means "no"."""
-    from gendistill.video_distill.trainer import FinetuneConfig, check_config
+    from gendistill.video_distill.finetune_config import FinetuneConfig, check_config
 
     cfg = load_config(FinetuneConfig, None, ["mixed_precision=no"])
     assert cfg.mixed_precision == "no"

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from gendistill.config import ConfigError, load_config
 from gendistill.testing.video import write_tiny_models
-from gendistill.video_distill.trainer import FinetuneConfig, VideoREPATrainer, diffusion_loss
+from gendistill.video_distill.finetune_config import FinetuneConfig
+from gendistill.video_distill.student import diffusion_loss
+from gendistill.video_distill.trainer import VideoREPATrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "video_distill" / "tiny_cpu.yaml"
@@ -353,7 +355,7 @@ def test_as_run_schedule_is_deepspeeds_warmup_decay(calls_per_step):
 def test_published_configs_train_as_run():
     """optim.preset as_run: betas (0.9, 0.999) and DeepSpeed's schedule; teacher in fp32; VideoREPA's
     stride sampling; the 5B run one epoch of openvid_6w4 (2000 steps at 8 x 4)."""
-    from gendistill.video_distill.trainer import check_config
+    from gendistill.video_distill.finetune_config import check_config
 
     for name in ("videorepa_2b_sft", "videorepa_5b_lora", "repa_baseline"):
         cfg = load_config(FinetuneConfig, ROOT / "configs" / "video_distill" / f"{name}.yaml")

@@ -58,7 +58,8 @@ def test_lora_plan_trains_only_the_adapters(tiny_archs):
 def _real_peak(cfg_overrides) -> int:
     """Tracked allocations of the same step run for real (the same tracker on real tensors)."""
     from gendistill.config import load_config
-    from gendistill.video_distill.trainer import FinetuneConfig, VideoREPATrainer
+    from gendistill.video_distill.finetune_config import FinetuneConfig
+    from gendistill.video_distill.trainer import VideoREPATrainer
 
     cfg = load_config(FinetuneConfig, TINY_FT, cfg_overrides)
     torch.manual_seed(0)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from gendistill.config import load_config  # noqa: E402
 from gendistill.testing.video import write_tiny_models  # noqa: E402
-from gendistill.video_distill.trainer import FinetuneConfig, VideoREPATrainer  # noqa: E402
+from gendistill.video_distill.finetune_config import FinetuneConfig  # noqa: E402
+from gendistill.video_distill.trainer import VideoREPATrainer  # noqa: E402
 
 VARIANTS = {
     "diffusion only": ["align.loss=none"],

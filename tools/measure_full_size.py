@@ -111,7 +111,8 @@ def measure_edit(name: str, steps: int, work: Path) -> dict:
 
 def measure_finetune(name: str, steps: int, work: Path, batch: int) -> dict:
     from gendistill.config import load_config
-    from gendistill.video_distill.trainer import FinetuneConfig, VideoREPATrainer
+    from gendistill.video_distill.finetune_config import FinetuneConfig
+    from gendistill.video_distill.trainer import VideoREPATrainer
 
     model, teacher = FINETUNE[name]
     cfg0 = load_config(FinetuneConfig, ROOT / "configs" / "video_distill" / f"{name}.yaml")

@@ -27,7 +27,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 def load_finetune_config(args):
     """The merged FinetuneConfig of this command line (`--print-config`)."""
     from gendistill.config import load_config
-    from gendistill.video_distill.trainer import FinetuneConfig
+    from gendistill.video_distill.finetune_config import FinetuneConfig
 
     return load_config(FinetuneConfig, args.config, args.overrides)
 
@@ -56,7 +56,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_finetune(args) -> None:
     from gendistill.config import load_config
-    from gendistill.video_distill.trainer import FinetuneConfig, finetune
+    from gendistill.video_distill.finetune_config import FinetuneConfig
+    from gendistill.video_distill.trainer import finetune
 
     finetune(load_config(FinetuneConfig, args.config, args.overrides))
 

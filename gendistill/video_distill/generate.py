@@ -56,14 +56,14 @@ def load_video_pipeline(model: str | os.PathLike, *, lora: str | os.PathLike | N
     from diffusers import CogVideoXTransformer3DModel
 
     from gendistill.core.guidance.load import load_pipeline
-    from gendistill.video_distill.trainer import _load
+    from gendistill.video_distill.trainer import load_component
 
     kwargs = {}
     if transformer is not None:
         tdir = Path(transformer)
         if (tdir / "transformer" / "config.json").is_file():  # an export folder: take its transformer/
             tdir = tdir / "transformer"
-        kwargs["transformer"] = _load(CogVideoXTransformer3DModel, str(tdir), "transformer", dtype=dtype)
+        kwargs["transformer"] = load_component(CogVideoXTransformer3DModel, str(tdir), "transformer", dtype=dtype)
     pipe = load_pipeline(str(model), dtype=dtype, device=device or "cpu", **kwargs)
     if lora is not None:
         lora = Path(lora)

@@ -33,299 +33,37 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from gendistill.config import to_yaml
 from gendistill.core.align import GridAligner, Projector, grid_to_tokens, repa_loss, trd_loss
-from gendistill.core.align.hooks import capture_block
 from gendistill.core.architectures import is_random, random_model, standin_tokenizer
 from gendistill.core.io import atomic_path
 from gendistill.core.media import write_video
+from gendistill.video_distill.finetune_config import FinetuneConfig, check_config
+from gendistill.video_distill.student import (
+    AlignedStudent,
+    diffusion_loss,
+    encode_prompts,
+    encode_video,
+    rotary_embeddings,
+    sample_latents,
+)
 
 logger = logging.getLogger("gendistill.video_distill")
 
-__all__ = [
-    "ModelConfig", "TeacherConfig", "AlignConfig", "LoraConfig", "DataConfig", "OptimConfig",
-    "CheckpointConfig", "ValidationConfig", "FinetuneConfig",
-    "diffusion_loss", "rotary_embeddings", "encode_video", "sample_latents", "encode_prompts",
-    "AlignedStudent", "VideoREPATrainer", "finetune",
-]
+__all__ = ["load_component", "VideoREPATrainer", "finetune"]
 
-TRAINING_TYPES = ("sft", "lora")
-ALIGN_LOSSES = ("trd", "repa", "none")
-PRECISIONS = ("no", "fp16", "bf16")
-
-
-# -- config ---------------------------------------------------------------------------------------
-@dataclass
-class ModelConfig:
-    pretrained: str = "THUDM/CogVideoX-2b"  # hub id or local folder of a CogVideoXPipeline
-    revision: Optional[str] = None
-    variant: Optional[str] = None
-    vae_slicing: bool = True
-    vae_tiling: bool = False
-    tiny: bool = False  # write the tiny models (gendistill.testing.video) to pretrained / teacher.path if missing
-
-
-@dataclass
-class TeacherConfig:
-    name: str = "videomaev2"  # a gendistill.video_distill.teachers.TEACHERS entry
-    path: Optional[str] = None  # checkpoint file, local folder or hub id (None: the entry's default)
-    num_frames: Optional[int] = 48
-    frame_start: int = 1
-    image_size: List[int] = field(default_factory=lambda: [160, 240])
-    dtype: Optional[str] = None  # null: the weights' dtype (bf16 / fp16 under mixed precision); float32 (VideoREPA's)
-    options: Dict[str, Any] = field(default_factory=dict)  # more load_teacher options (pos_embed, final_norm, ...)
-
-
-@dataclass
-class AlignConfig:
-    loss: str = "trd"  # trd (VideoREPA), repa (cosine, REPA), none (plain finetuning)
-    align_layer: int = 18  # 1-based transformer block
-    proj_coeff: float = 0.5
-    margin: float = 0.1
-    reduction: str = "joint"  # joint | paper
-    chunk_size: Optional[int] = None
-    projector_dim: int = 2048
-    downsampler: str = "conv"  # conv (learnable, VideoREPA) | area | bilinear | nearest
-    kernel_size: int = 3
-    drop_first_frame: bool = True
-    temporal: str = "linear"
-    heads: Optional[str] = None  # start the projector / aligner from ours or a released VideoREPA transformer (heads.py)
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 128
-    alpha: float = 64.0
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-
-
-@dataclass
-class DataConfig:
-    path: str = "data/videos"  # folder of videos with .txt captions, or a .csv / .json / .jsonl manifest
-    root: Optional[str] = None  # base of relative manifest paths (default: the manifest's folder)
-    num_frames: int = 49
-    height: int = 480
-    width: int = 720
-    frame_sampling: str = "uniform"  # uniform | first | stride (VideoREPA's, short clips padded)
-    shuffle: bool = True
-    num_workers: int = 0
-    cache: bool = False  # precompute VAE latents, prompt embeddings and teacher tokens
-    cache_dir: Optional[str] = None  # default: output_dir/cache
-
-
-# what VideoREPA's runs used: the DeepSpeed config in use (finetune/configs/zero2.yaml) sets AdamW and
-# WarmupDecayLR with only lr and weight decay filled in by accelerate, so AdamW keeps DeepSpeed's betas
-# (0.9, 0.999) and the rate warms up logarithmically, then decays linearly to 0 ("as_run"); the training
-# scripts' own flags, (0.9, 0.95) and constant_with_warmup, which the DeepSpeed config overrides ("scripts")
-OPTIM_PRESETS = {
-    "as_run": {"betas": [0.9, 0.999], "lr_scheduler": "warmup_decay_log"},
-    "scripts": {"betas": [0.9, 0.95], "lr_scheduler": "constant_with_warmup"},
-}
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-6
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 1e-4
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_scheduler: str = "constant_with_warmup"  # warmup_decay_log (DeepSpeed's) or a diffusers.optimization name
-    warmup_steps: int = 100
-    num_cycles: int = 1
-    power: float = 1.0
-    preset: Optional[str] = None  # OPTIM_PRESETS: sets betas and lr_scheduler (overriding theirs)
-
-    def __post_init__(self):
-        if self.preset is not None:
-            if self.preset not in OPTIM_PRESETS:
-                raise ValueError(f"optim.preset must be one of {sorted(OPTIM_PRESETS)} or null, got {self.preset!r}")
-            for key, value in OPTIM_PRESETS[self.preset].items():
-                setattr(self, key, list(value) if isinstance(value, list) else value)
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 800
-    keep: int = 2
-
-
-@dataclass
-class ValidationConfig:
-    every: int = 800  # 0: never (and not at the end)
-    prompts: List[str] = field(default_factory=list)
-    num_frames: Optional[int] = None  # default: data.num_frames
-    height: Optional[int] = None
-    width: Optional[int] = None
-    num_inference_steps: int = 50
-    guidance_scale: float = 6.0
-    fps: float = 8.0
-    seed: int = 42
-
-
-@dataclass
-class FinetuneConfig:
-    output_dir: str = "outputs/finetune"
-    max_steps: int = 1000
-    training_type: str = "sft"  # sft (full) | lora
-    batch_size: int = 4  # per process
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "bf16"  # no | fp16 | bf16
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
-    log_every: int = 1
-    export: bool = True
-    model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    align: AlignConfig = field(default_factory=AlignConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-
-    def __post_init__(self):
-        if self.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` (mixed_precision=no) as false
-            self.mixed_precision = "no"
-
-
-def _scheduler_names() -> tuple[str, ...]:
-    from diffusers.optimization import SchedulerType
-
-    from gendistill.video_distill.lr_schedules import SCHEDULERS_OF_OURS
-
-    return (*SCHEDULERS_OF_OURS, *(t.value for t in SchedulerType))
-
-
-def check_config(cfg: FinetuneConfig) -> None:
-    """Raise ValueError naming the first setting that cannot work."""
-    checks = [
-        (cfg.training_type in TRAINING_TYPES, f"training_type must be one of {TRAINING_TYPES}, got {cfg.training_type!r}"),
-        (cfg.align.loss in ALIGN_LOSSES, f"align.loss must be one of {ALIGN_LOSSES}, got {cfg.align.loss!r}"),
-        (cfg.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}, got {cfg.mixed_precision!r}"),
-        (cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-        (cfg.align.align_layer >= 1, f"align.align_layer is 1-based, got {cfg.align.align_layer}"),
-        ((cfg.data.num_frames - 1) % 4 == 0, f"data.num_frames must be 4k+1 for CogVideoX's VAE (49, 33, 9...), "
-                                             f"got {cfg.data.num_frames}"),
-        (len(cfg.optim.betas) == 2, f"optim.betas must be two numbers, got {cfg.optim.betas}"),
-        (cfg.optim.lr_scheduler in _scheduler_names(), f"optim.lr_scheduler must be one of "
-                                                      f"{_scheduler_names()}, got {cfg.optim.lr_scheduler!r}"),
-        (cfg.teacher.dtype in (None, "float32"), f"teacher.dtype must be null (the weights' dtype) or float32, "
-                                                 f"got {cfg.teacher.dtype!r}"),
-        (len(cfg.teacher.image_size) == 2, f"teacher.image_size must be [height, width], got {cfg.teacher.image_size}"),
-        (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-# -- pieces of a step -------------------------------------------------------------------------------
-def diffusion_loss(alphas_cumprod: torch.Tensor, model_output: torch.Tensor, noisy: torch.Tensor,
-                   latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """CogVideoX's finetuning loss for a v-prediction model.
-
-    Args:
-        alphas_cumprod: [T] the scheduler's alpha_bar.
-        model_output: [B, f, C, h, w] predicted v; noisy: x_t; latents: x0 (same shape).
-        timesteps: [B] integer timesteps.
-
-    Returns:
-        [] float32: mean_b mean((sqrt(a) x_t - sqrt(1 - a) v - x0)^2) / (1 - a), a = alpha_bar_t.
-    """
-    a = alphas_cumprod.to(device=model_output.device, dtype=torch.float32)[timesteps]
-    a = a.view(-1, *([1] * (model_output.dim() - 1)))
-    x0_hat = a.sqrt() * noisy.float() - (1 - a).sqrt() * model_output.float()
-    per_sample = ((x0_hat - latents.float()) ** 2 / (1 - a)).flatten(1).mean(1)
-    return per_sample.mean()
-
-
-def rotary_embeddings(transformer_config, *, latent_frames: int, latent_height: int, latent_width: int,
-                      device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(cos, sin) 3D RoPE tables for CogVideoX-5B-style transformers, as CogVideoXPipeline builds them; else None."""
-    if not transformer_config.use_rotary_positional_embeddings:
-        return None
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-    p, p_t = transformer_config.patch_size, transformer_config.patch_size_t
-    grid_h, grid_w = latent_height // p, latent_width // p
-    base_w, base_h = transformer_config.sample_width // p, transformer_config.sample_height // p
-    if p_t is None:
-        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
-        return get_3d_rotary_pos_embed(embed_dim=transformer_config.attention_head_dim, crops_coords=crops,
-                                       grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
-    return get_3d_rotary_pos_embed(embed_dim=transformer_config.attention_head_dim, crops_coords=None,
-                                   grid_size=(grid_h, grid_w), temporal_size=(latent_frames + p_t - 1) // p_t,
-                                   grid_type="slice", max_size=(base_h, base_w), device=device)
-
-
-@torch.no_grad()
-def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
-    """video [B, F, 3, H, W] in [0, 1] -> the VAE's latent distribution parameters [B, 2C, f, h, w] (mean, logvar)."""
-    x = (video.to(device=vae.device, dtype=vae.dtype) * 2 - 1).permute(0, 2, 1, 3, 4)
-    return vae.encode(x).latent_dist.parameters
-
-
-def sample_latents(params: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, 2C, f, h, w] distribution parameters -> scaled latents [B, f, C, h, w] float32 (noise from `generator`, on CPU)."""
-    mean, logvar = params.float().chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-    return ((mean + std * eps) * scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, captions: list[str], max_length: int) -> torch.Tensor:
-    """Captions -> T5 embeddings [B, max_length, D] (padded / truncated as CogVideoXPipeline does)."""
-    ids = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
-                    add_special_tokens=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
-
-
-class AlignedStudent(nn.Module):
-    """The trainable part: transformer + projector + grid aligner, one module so DDP / DeepSpeed / FSDP see all of it.
-
-    forward(noisy [B, f, C, h, w], prompt_embeds [B, L, D], timesteps [B], rotary, teacher_grid (T', H', W'))
-    -> (v prediction [B, f, C, h, w], aligned student tokens [B, T', H', W', Dt] or None).
-    """
-
-    def __init__(self, transformer: nn.Module, projector: nn.Module | None, aligner: nn.Module | None,
-                 align_layer: int | None):
-        super().__init__()
-        self.transformer = transformer
-        self.projector = projector
-        self.aligner = aligner
-        self.hook = capture_block(transformer, align_layer) if projector is not None else None
-
-    def forward(self, noisy, prompt_embeds, timesteps, rotary=None, teacher_grid=None):
-        out = self.transformer(hidden_states=noisy, encoder_hidden_states=prompt_embeds, timestep=timesteps,
-                               image_rotary_emb=rotary, return_dict=False)[0]
-        if self.hook is None:
-            return out, None
-        tokens = self.hook.pop()  # [B, f, h', w', D]
-        aligned = self.aligner(self.projector(tokens), teacher_grid)
-        return out, aligned
-
-
+# -- loading ----------------------------------------------------------------------------------------
 def _looks_local(source: str) -> bool:
     s = str(source)
     return os.path.isabs(s) or s.startswith((".", "~")) or s.count("/") != 1 or os.path.exists(s)
 
 
-def _load(cls, source: str, what: str, device=None, **kwargs):
+def load_component(cls, source: str, what: str, device=None, **kwargs):
     """`cls.from_pretrained(source, **kwargs)` with a clear error for a missing folder or an offline hub id;
     a `random:` source is built from its architecture config with random weights on `device`."""
     if is_random(source):
@@ -414,13 +152,13 @@ class VideoREPATrainer:
         src = cfg.model.pretrained
         kw = {"revision": cfg.model.revision} if cfg.model.revision else {}
         vkw = dict(kw, **({"variant": cfg.model.variant} if cfg.model.variant else {}))
-        self.tokenizer = _load(AutoTokenizer, src, "tokenizer", subfolder="tokenizer", **kw)
-        self.text_encoder = _load(T5EncoderModel, src, "text encoder", dev, subfolder="text_encoder", dtype=wd, **vkw)
-        self.vae = _load(AutoencoderKLCogVideoX, src, "VAE", dev, subfolder="vae", dtype=wd, **vkw)
+        self.tokenizer = load_component(AutoTokenizer, src, "tokenizer", subfolder="tokenizer", **kw)
+        self.text_encoder = load_component(T5EncoderModel, src, "text encoder", dev, subfolder="text_encoder", dtype=wd, **vkw)
+        self.vae = load_component(AutoencoderKLCogVideoX, src, "VAE", dev, subfolder="vae", dtype=wd, **vkw)
         train_dtype = wd if cfg.training_type == "lora" else torch.float32  # LoRA: frozen base in low precision
-        self.transformer = _load(CogVideoXTransformer3DModel, src, "transformer", dev, subfolder="transformer",
+        self.transformer = load_component(CogVideoXTransformer3DModel, src, "transformer", dev, subfolder="transformer",
                                  dtype=train_dtype, **vkw)
-        self.scheduler = _load(CogVideoXDPMScheduler, src, "scheduler", subfolder="scheduler", **kw)
+        self.scheduler = load_component(CogVideoXDPMScheduler, src, "scheduler", subfolder="scheduler", **kw)
         if self.scheduler.config.prediction_type != "v_prediction":
             raise ValueError(f"{src}: the scheduler predicts {self.scheduler.config.prediction_type!r}; "
                              "the CogVideoX finetuning loss needs v_prediction")

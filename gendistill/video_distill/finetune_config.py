@@ -1,0 +1,187 @@
+"""The `gendistill finetune` config: nested dataclasses (loaded with `gendistill.config.load_config`)
+and `check_config`, which names the first setting that cannot work before anything loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+__all__ = [
+    "TRAINING_TYPES", "ALIGN_LOSSES", "PRECISIONS", "OPTIM_PRESETS", "ModelConfig", "TeacherConfig", "AlignConfig",
+    "LoraConfig", "DataConfig", "OptimConfig", "CheckpointConfig", "ValidationConfig", "FinetuneConfig",
+    "check_config",
+]
+
+TRAINING_TYPES = ("sft", "lora")
+ALIGN_LOSSES = ("trd", "repa", "none")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+# -- config ---------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    pretrained: str = "THUDM/CogVideoX-2b"  # hub id or local folder of a CogVideoXPipeline
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+    tiny: bool = False  # write the tiny models (gendistill.testing.video) to pretrained / teacher.path if missing
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "videomaev2"  # a gendistill.video_distill.teachers.TEACHERS entry
+    path: Optional[str] = None  # checkpoint file, local folder or hub id (None: the entry's default)
+    num_frames: Optional[int] = 48
+    frame_start: int = 1
+    image_size: List[int] = field(default_factory=lambda: [160, 240])
+    dtype: Optional[str] = None  # null: the weights' dtype (bf16 / fp16 under mixed precision); float32 (VideoREPA's)
+    options: Dict[str, Any] = field(default_factory=dict)  # more load_teacher options (pos_embed, final_norm, ...)
+
+
+@dataclass
+class AlignConfig:
+    loss: str = "trd"  # trd (VideoREPA), repa (cosine, REPA), none (plain finetuning)
+    align_layer: int = 18  # 1-based transformer block
+    proj_coeff: float = 0.5
+    margin: float = 0.1
+    reduction: str = "joint"  # joint | paper
+    chunk_size: Optional[int] = None
+    projector_dim: int = 2048
+    downsampler: str = "conv"  # conv (learnable, VideoREPA) | area | bilinear | nearest
+    kernel_size: int = 3
+    drop_first_frame: bool = True
+    temporal: str = "linear"
+    heads: Optional[str] = None  # start the projector / aligner from ours or a released VideoREPA transformer (heads.py)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 128
+    alpha: float = 64.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/videos"  # folder of videos with .txt captions, or a .csv / .json / .jsonl manifest
+    root: Optional[str] = None  # base of relative manifest paths (default: the manifest's folder)
+    num_frames: int = 49
+    height: int = 480
+    width: int = 720
+    frame_sampling: str = "uniform"  # uniform | first | stride (VideoREPA's, short clips padded)
+    shuffle: bool = True
+    num_workers: int = 0
+    cache: bool = False  # precompute VAE latents, prompt embeddings and teacher tokens
+    cache_dir: Optional[str] = None  # default: output_dir/cache
+
+
+# what VideoREPA's runs used: the DeepSpeed config in use (finetune/configs/zero2.yaml) sets AdamW and
+# WarmupDecayLR with only lr and weight decay filled in by accelerate, so AdamW keeps DeepSpeed's betas
+# (0.9, 0.999) and the rate warms up logarithmically, then decays linearly to 0 ("as_run"); the training
+# scripts' own flags, (0.9, 0.95) and constant_with_warmup, which the DeepSpeed config overrides ("scripts")
+OPTIM_PRESETS = {
+    "as_run": {"betas": [0.9, 0.999], "lr_scheduler": "warmup_decay_log"},
+    "scripts": {"betas": [0.9, 0.95], "lr_scheduler": "constant_with_warmup"},
+}
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # warmup_decay_log (DeepSpeed's) or a diffusers.optimization name
+    warmup_steps: int = 100
+    num_cycles: int = 1
+    power: float = 1.0
+    preset: Optional[str] = None  # OPTIM_PRESETS: sets betas and lr_scheduler (overriding theirs)
+
+    def __post_init__(self):
+        if self.preset is not None:
+            if self.preset not in OPTIM_PRESETS:
+                raise ValueError(f"optim.preset must be one of {sorted(OPTIM_PRESETS)} or null, got {self.preset!r}")
+            for key, value in OPTIM_PRESETS[self.preset].items():
+                setattr(self, key, list(value) if isinstance(value, list) else value)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 800
+    keep: int = 2
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 800  # 0: never (and not at the end)
+    prompts: List[str] = field(default_factory=list)
+    num_frames: Optional[int] = None  # default: data.num_frames
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    fps: float = 8.0
+    seed: int = 42
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "outputs/finetune"
+    max_steps: int = 1000
+    training_type: str = "sft"  # sft (full) | lora
+    batch_size: int = 4  # per process
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "bf16"  # no | fp16 | bf16
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    log_every: int = 1
+    export: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self):
+        if self.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` (mixed_precision=no) as false
+            self.mixed_precision = "no"
+
+
+def _scheduler_names() -> tuple[str, ...]:
+    from diffusers.optimization import SchedulerType
+
+    from gendistill.video_distill.lr_schedules import SCHEDULERS_OF_OURS
+
+    return (*SCHEDULERS_OF_OURS, *(t.value for t in SchedulerType))
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Raise ValueError naming the first setting that cannot work."""
+    checks = [
+        (cfg.training_type in TRAINING_TYPES, f"training_type must be one of {TRAINING_TYPES}, got {cfg.training_type!r}"),
+        (cfg.align.loss in ALIGN_LOSSES, f"align.loss must be one of {ALIGN_LOSSES}, got {cfg.align.loss!r}"),
+        (cfg.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}, got {cfg.mixed_precision!r}"),
+        (cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+        (cfg.align.align_layer >= 1, f"align.align_layer is 1-based, got {cfg.align.align_layer}"),
+        ((cfg.data.num_frames - 1) % 4 == 0, f"data.num_frames must be 4k+1 for CogVideoX's VAE (49, 33, 9...), "
+                                             f"got {cfg.data.num_frames}"),
+        (len(cfg.optim.betas) == 2, f"optim.betas must be two numbers, got {cfg.optim.betas}"),
+        (cfg.optim.lr_scheduler in _scheduler_names(), f"optim.lr_scheduler must be one of "
+                                                      f"{_scheduler_names()}, got {cfg.optim.lr_scheduler!r}"),
+        (cfg.teacher.dtype in (None, "float32"), f"teacher.dtype must be null (the weights' dtype) or float32, "
+                                                 f"got {cfg.teacher.dtype!r}"),
+        (len(cfg.teacher.image_size) == 2, f"teacher.image_size must be [height, width], got {cfg.teacher.image_size}"),
+        (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
