@@ -79,7 +79,7 @@ def config_keys(cls) -> str:
 
 # the config dataclass of each config-based command, for its help's key list
 CONFIGS = {"edit": ("gendistill.splat_edit.edit_config", "EditConfig"),
-           "finetune": ("gendistill.video_distill.trainer", "FinetuneConfig")}
+           "finetune": ("gendistill.video_distill.finetune_config", "FinetuneConfig")}
 
 
 def build_parser() -> argparse.ArgumentParser:
