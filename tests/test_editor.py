@@ -421,6 +421,7 @@ def test_romap_config_edits_as_released():
     cfg = load_edit_config(ROOT / "configs" / "splat_edit" / "romap_sd3.yaml", req)
     assert sds_prompt(cfg) == "a snowman with a hat in a gold hat"
     assert cfg.prior_removal == "dc" and cfg.segment.threshold == 1.0 and cfg.guidance.reduction == "masked_mean"
+    assert cfg.segment.galp["variant"] == "romap"  # 3D-GALP as released
     plain = load_edit_config(None, [*req, "guidance.model=m"])
     assert sds_prompt(plain) == "in a gold hat"  # ours: the edit prompt alone
     assert load_edit_config(None, [*req, "guidance.model=m", "prior_removal=true"]).prior_removal == "dc"
