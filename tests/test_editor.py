@@ -190,6 +190,8 @@ def test_ip2p_guidance_and_anchor(models, tmp_path):
     (["cameras.center=[0,0,100]", "cameras.radius=1.0"], ValueError, r"no Gaussian .* is in view of any"),
     (["colour=red"], ConfigError, r"unknown key 'colour'"),
     (["anchors.slamp={num_step: 3}"], ValueError, r"anchors.slamp: got an unexpected keyword argument 'num_step'"),
+    (["guidance.options={grad_clp: 1.0}"], ValueError, r"guidance.options: unknown option\(s\) grad_clp for kind"),
+    (["cameras=3"], ConfigError, r"'cameras' is a section"),
     (["guidance.model=/no/such/model", "guidance.tiny=null"], FileNotFoundError, r"model path '/no/such/model' does"),
 ])
 def test_bad_input_fails_before_long_work(models, tmp_path, monkeypatch, capsys, extra, error, match):

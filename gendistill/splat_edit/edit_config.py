@@ -282,6 +282,12 @@ def check_values(cfg: EditConfig) -> None:
     need(cfg.anchors.count >= 0, "anchors.count", f"must be >= 0, got {cfg.anchors.count}")
     need(cfg.report.grid_views >= 1 and cfg.report.turntable_frames >= 1, "report.grid_views/turntable_frames",
          "must be >= 1")
+    from gendistill.core.guidance.load import guidance_options
+
+    known = guidance_options(cfg.guidance.kind) - {"resolution", "view_dependent", "reduction"}  # own keys here
+    unknown = sorted(set(cfg.guidance.options) - known)
+    need(not unknown, "guidance.options", f"unknown option(s) {', '.join(unknown)} for kind "
+                                          f"{cfg.guidance.kind!r}; known: {', '.join(sorted(known))}")
     from gendistill.splat_edit.galp import GALPConfig
     from gendistill.splat_edit.slamp import SLaMPConfig
 

@@ -17,7 +17,7 @@ from gendistill.core.guidance.rfds import RFDSGuidance, is_flow_matching  # noqa
 from gendistill.core.guidance.schedule import check_t_range, check_weighting
 from gendistill.core.guidance.sds import SDSGuidance, has_beta_schedule  # noqa: F401
 
-__all__ = ["CPU_OFFLOAD", "detect_kind", "load_pipeline", "load_guidance"]
+__all__ = ["CPU_OFFLOAD", "detect_kind", "load_pipeline", "load_guidance", "guidance_options"]
 
 CPU_OFFLOAD = (None, "model", "sequential")
 
@@ -30,6 +30,13 @@ def option_names(cls) -> set[str]:
             params = inspect.signature(klass.__init__).parameters.values()
             names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     return names - {"self"}
+
+
+def guidance_options(kind: str = "auto") -> set[str]:
+    """The `load_guidance` options (`**options`) of a kind; for "auto", those of every registered kind."""
+    load_plugins()
+    kinds = list(GUIDANCE.values()) if kind == "auto" else [GUIDANCE.get_entry(kind)]
+    return set().union(*(option_names(cls) for cls in kinds)) - {"pipe", "guidance_scale", "weighting", "t_range", "cfg"}
 
 
 def detect_kind(pipe) -> str:
@@ -159,8 +166,10 @@ def load_guidance(
     Returns:
         a `Guidance`; call `guidance.loss(images, prompt, ...)` and backpropagate.
     """
-    if kind != "auto":
-        GUIDANCE.get_entry(kind)
+    unknown = sorted(set(options) - guidance_options(kind))  # before any loading; again below for "auto"
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} for kind {kind!r}; known: "
+                        f"{', '.join(sorted(guidance_options(kind)))}")
     check_weighting(weighting)
     check_cfg(cfg)
     check_t_range(t_range)
@@ -169,7 +178,7 @@ def load_guidance(
     if kind == "auto":
         kind = detect_kind(pipe)
     cls = GUIDANCE.get_entry(kind)
-    known = option_names(cls) - {"pipe", "guidance_scale", "weighting", "t_range", "cfg"}
+    known = guidance_options(kind)
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for kind {kind!r}; known: {', '.join(sorted(known))}")
