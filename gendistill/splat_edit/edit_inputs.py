@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gendistill.core.runtime import resolve_device
 from gendistill.core.architectures import arch_folder, is_random
 from gendistill.core.cameras import Cameras, load_cameras, orbit_path
 from gendistill.core.scene import GaussianScene

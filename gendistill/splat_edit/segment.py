@@ -107,7 +107,6 @@ def segment(scene_path: str | Path, parts: Sequence[str], out: str | Path, *, ma
     Gaussians}}.
     """
     import numpy as np
-    import torch
     from tqdm.auto import tqdm
 
     from gendistill.core.io import atomic_path

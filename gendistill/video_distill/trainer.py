@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from gendistill.config import to_yaml
 from gendistill.core.align import GridAligner, Projector, grid_to_tokens, repa_loss, trd_loss
 from gendistill.core.architectures import is_random, random_model, standin_tokenizer
 from gendistill.core.io import atomic_path
-from gendistill.core.media import write_video
+from gendistill.video_distill.checkpoints import CheckpointMixin
+from gendistill.video_distill.export import ExportMixin
 from gendistill.video_distill.finetune_config import FinetuneConfig, check_config
 from gendistill.video_distill.student import (
     AlignedStudent,
@@ -87,7 +87,7 @@ def _dtype(mixed_precision: str) -> torch.dtype:
 
 
 # -- the trainer ------------------------------------------------------------------------------------
-class VideoREPATrainer:
+class VideoREPATrainer(CheckpointMixin, ExportMixin):
     """Holds the models, data, optimizer and accelerator of one finetuning run; `train()` runs it."""
 
     def __init__(self, cfg: FinetuneConfig, *, data: bool = True):
@@ -308,179 +308,6 @@ class VideoREPATrainer:
             ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
         self.student, self.optimizer, self.lr_scheduler = acc.prepare(student, optimizer, lr_scheduler)
         self.params = params
-
-    # -- checkpoints -------------------------------------------------------------------------------
-    @property
-    def checkpoint_root(self) -> Path:
-        return self.out / "checkpoints"
-
-    def list_checkpoints(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first."""
-        if not self.checkpoint_root.is_dir():
-            return []
-        found = [p for p in self.checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-                 and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-    def _save_state_hook(self, models, weights, output_dir) -> None:
-        # keep only the trainable tensors (LoRA: the adapters; sft: everything) in model.safetensors
-        if self._sharded:
-            return
-        for i, model in enumerate(models):
-            names = {n for n, p in model.named_parameters() if p.requires_grad}
-            if i < len(weights):
-                weights[i] = {k: v for k, v in weights[i].items() if k in names}
-
-    def _load_state_hook(self, models, input_dir) -> None:
-        if self._sharded:
-            return
-        from safetensors.torch import load_file
-
-        for i, model in enumerate(list(models)):
-            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
-            state = load_file(os.path.join(input_dir, name), device=str(self.device))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            missing = sorted(set(missing) & trainable)
-            if missing or unexpected:
-                raise ValueError(f"checkpoint {input_dir} does not fit this model: missing {missing[:5]}, "
-                                 f"unexpected {sorted(unexpected)[:5]} (was it written with other settings?)")
-        models.clear()
-
-    def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step> atomically (a temporary folder renamed once complete); keep the last K."""
-        acc = self.accelerator
-        final = self.checkpoint_root / f"checkpoint-{self.step}"
-        tmp = self.checkpoint_root / f".tmp-checkpoint-{self.step}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        torch.save({"generator": self.generator.get_state(), "position": self.position, "step": self.step,
-                    "skipped": sorted(self.skipped)}, tmp / f"trainer_state_{self.rank}.pt")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": self.step, "position": self.position, "num_processes": self.world,
-                 "training_type": self.cfg.training_type}, indent=2))
-            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in self.list_checkpoints()[: -self.cfg.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    def _resume(self, which: str) -> None:
-        if which == "latest":
-            found = self.list_checkpoints()
-            if not found:
-                if self.accelerator.is_main_process:
-                    print(f"resume_from_checkpoint=latest: no checkpoint in {self.checkpoint_root}/, starting fresh")
-                return
-            path = found[-1]
-        else:
-            path = Path(which)
-            if not (path / "trainer_state.json").is_file():
-                raise FileNotFoundError(f"{path} is not a complete checkpoint folder (no trainer_state.json)")
-        meta = json.loads((path / "trainer_state.json").read_text())
-        if meta["num_processes"] != self.world:
-            raise ValueError(f"checkpoint {path} was written by {meta['num_processes']} processes, this run has "
-                             f"{self.world}; resume with the same number of processes")
-        self.accelerator.load_state(str(path))
-        state = torch.load(path / f"trainer_state_{self.rank}.pt", weights_only=False)
-        self.generator.set_state(state["generator"])
-        self.position, self.step = state["position"], state["step"]
-        self.skipped.update(state.get("skipped", []))
-        if self.accelerator.is_main_process:
-            print(f"resumed from {path} at step {self.step}")
-
-    # -- validation and export ---------------------------------------------------------------------
-    def _pipeline(self):
-        from diffusers import CogVideoXPipeline
-
-        scheduler = self.scheduler.__class__.from_config(self.scheduler.config)
-        pipe = CogVideoXPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                                 transformer=self.accelerator.unwrap_model(self.student).transformer,
-                                 scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    @torch.no_grad()
-    def validate(self) -> list[Path]:
-        """Generate every validation prompt (split across processes); write validation/step-N_prompt-K.mp4."""
-        cfg, acc = self.cfg, self.accelerator
-        v = cfg.validation
-        if not v.prompts:
-            return []
-        if self._distributed_kind == "FSDP":
-            logger.warning("validation is not run under FSDP (sharded weights); generate from the export instead")
-            return []
-        transformer = acc.unwrap_model(self.student).transformer
-        was_training = transformer.training
-        transformer.eval()
-        pipe = self._pipeline()
-        written = []
-        with acc.split_between_processes(list(enumerate(v.prompts))) as mine:
-            for i, prompt in mine:
-                generator = torch.Generator(device=self.device).manual_seed(v.seed + i)
-                with acc.autocast():
-                    frames = pipe(prompt=prompt, num_frames=v.num_frames or cfg.data.num_frames,
-                                  height=v.height or cfg.data.height, width=v.width or cfg.data.width,
-                                  num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
-                                  generator=generator, output_type="np", max_sequence_length=self.text_length).frames[0]
-                path = self.out / "validation" / f"step-{self.step:06d}_prompt-{i:02d}.mp4"
-                write_video(path, frames, fps=v.fps)
-                written.append(path)
-        transformer.train(was_training)
-        acc.wait_for_everyone()
-        return written
-
-    def export(self, folder: str | os.PathLike | None = None) -> Path:
-        """Write the trained weights: LoRA (`pytorch_lora_weights.safetensors`) or `transformer/`, plus the
-        align heads as diffusers models (`projector/`, `aligner/`: `Projector.from_pretrained(folder / "projector")`)."""
-        acc = self.accelerator
-        folder = Path(folder) if folder else self.out / "export"
-        state = acc.get_state_dict(self.student)  # every process takes part (gathers sharded weights)
-        if acc.is_main_process:
-            tmp = folder.parent / f".tmp-{folder.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            student = acc.unwrap_model(self.student)
-            tr_state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
-            if self.cfg.training_type == "lora":
-                from diffusers import CogVideoXPipeline
-                from peft.utils import get_peft_model_state_dict
-
-                lora = get_peft_model_state_dict(student.transformer, state_dict=tr_state)
-                CogVideoXPipeline.save_lora_weights(
-                    tmp, transformer_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in lora.items()},
-                    transformer_lora_adapter_metadata=student.transformer.peft_config["default"].to_dict())
-            else:
-                transformer = student.transformer
-                if self._sharded:
-                    transformer = transformer.__class__.from_config(transformer.config)
-                    transformer.load_state_dict(tr_state)
-                transformer.save_pretrained(tmp / "transformer")
-            for name in ("projector", "aligner"):  # diffusers models: from_pretrained loads them back
-                head = getattr(student, name, None)
-                if head is not None:
-                    part = {k[len(name) + 1:]: v.detach().float().cpu() for k, v in state.items()
-                            if k.startswith(name + ".")}
-                    copy = type(head).from_config(head.config)
-                    copy.load_state_dict(part)
-                    copy.save_pretrained(tmp / name) if part else copy.save_config(tmp / name)
-            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            old = folder.parent / f".old-{folder.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            if folder.exists():
-                os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return folder
 
     # -- training ----------------------------------------------------------------------------------
     def _batch_features(self, batch: dict, generator: torch.Generator) -> dict:

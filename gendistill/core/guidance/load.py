@@ -13,9 +13,9 @@ from gendistill.core.runtime import as_dtype
 from gendistill.registry import load_plugins
 from gendistill.core.guidance.base import GUIDANCE, Guidance, check_cfg
 from gendistill.core.guidance.ip2p import IP2PGuidance  # noqa: F401  (registers "ip2p")
-from gendistill.core.guidance.rfds import RFDSGuidance, is_flow_matching  # noqa: F401
+from gendistill.core.guidance.rfds import RFDSGuidance  # noqa: F401  (registers "rfds")
 from gendistill.core.guidance.schedule import check_t_range, check_weighting
-from gendistill.core.guidance.sds import SDSGuidance, has_beta_schedule  # noqa: F401
+from gendistill.core.guidance.sds import SDSGuidance  # noqa: F401  (registers "sds")
 
 __all__ = ["CPU_OFFLOAD", "detect_kind", "load_pipeline", "load_guidance", "guidance_options"]
 
