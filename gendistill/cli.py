@@ -82,7 +82,9 @@ CONFIGS = {"edit": ("gendistill.splat_edit.edit_config", "EditConfig"),
            "finetune": ("gendistill.video_distill.finetune_config", "FinetuneConfig")}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(key_lists: bool = True) -> argparse.ArgumentParser:
+    """The `gendistill` parser; `key_lists`: list each config command's keys in its help (imports its
+    config module: only worth it when help is asked for)."""
     parser = argparse.ArgumentParser(prog="gendistill", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gendistill {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in CONFIGS or name == "plan":
             p.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
-        if name in CONFIGS:
+        if name in CONFIGS and key_lists:
             import importlib
 
             module, cls = CONFIGS[name]
@@ -123,7 +125,8 @@ def _message(err: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(key_lists=any(a in ("-h", "--help") for a in argv)).parse_args(argv)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar, ours and the libraries'
     if getattr(args, "dry_run", False):

@@ -19,6 +19,8 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from gendistill.config import load_config
+from gendistill.splat_edit.galp import GALPConfig
+from gendistill.splat_edit.slamp import SLaMPConfig
 
 __all__ = [
     "CameraConfig", "SegmentConfig", "GuidanceConfig", "AnchorConfig", "LearningRates", "DensifyConfig",
@@ -71,8 +73,8 @@ class SegmentConfig:
     gates densification gradients every step (not reproduced: our part set is fixed per run); its 2D
     masks take pixels whose mean |difference| per channel is below 0.34.
     parts: all parts for "galp" (default: just the edited one); mask_source / mask_options: a
-    `MASK_SOURCES` entry and its options (e.g. {path: masks_dir} for "files"); galp: GALPConfig
-    fields to override (e.g. {steps: 300}).
+    `MASK_SOURCES` entry and its options (e.g. {path: masks_dir} for "files"); galp: the 3D-GALP
+    settings (`GALPConfig`, e.g. segment.galp.steps=300; its threshold is `threshold` above).
     """
 
     source: str = "auto"
@@ -83,7 +85,7 @@ class SegmentConfig:
     parts: Optional[list[str]] = None
     mask_source: str = "files"
     mask_options: dict[str, Any] = field(default_factory=dict)
-    galp: dict[str, Any] = field(default_factory=dict)
+    galp: GALPConfig = field(default_factory=GALPConfig)
 
 
 @dataclass
@@ -128,7 +130,8 @@ class AnchorConfig:
     views: camera indices; None picks `count` views where the part covers most pixels (at least
     min_separation_deg apart). method: "auto" (SLaMP for sds / rfds guidance, the InstructPix2Pix
     pipeline for ip2p), "slamp", "ip2p" or "none" (no anchor loss). mask_dilation: pixels added
-    around the part's 2D mask before editing. slamp: SLaMPConfig fields. ip2p_steps /
+    around the part's 2D mask before editing. slamp: the SLaMP settings
+    (`SLaMPConfig`; an empty source_prompt takes the edit's `prompt`). ip2p_steps /
     ip2p_guidance_scale / ip2p_image_guidance_scale: the pipeline call for method "ip2p".
     remove_background: drop part Gaussians whose anchor target pixel is background (RoMaP);
     background_tolerance: max |target - background| per channel that counts as background.
@@ -139,7 +142,7 @@ class AnchorConfig:
     min_separation_deg: float = 60.0
     method: str = "auto"
     mask_dilation: int = 0
-    slamp: dict[str, Any] = field(default_factory=dict)
+    slamp: SLaMPConfig = field(default_factory=SLaMPConfig)
     ip2p_steps: int = 20
     ip2p_guidance_scale: float = 7.5
     ip2p_image_guidance_scale: float = 1.5
@@ -288,14 +291,5 @@ def check_values(cfg: EditConfig) -> None:
     unknown = sorted(set(cfg.guidance.options) - known)
     need(not unknown, "guidance.options", f"unknown option(s) {', '.join(unknown)} for kind "
                                           f"{cfg.guidance.kind!r}; known: {', '.join(sorted(known))}")
-    from gendistill.splat_edit.galp import GALPConfig
-    from gendistill.splat_edit.slamp import SLaMPConfig
-
-    for key, cls, values in (("anchors.slamp", SLaMPConfig, cfg.anchors.slamp), ("segment.galp", GALPConfig,
-                                                                                  cfg.segment.galp)):
-        try:
-            cls(**values)
-        except TypeError as err:
-            raise ValueError(f"config {key}: {str(err).split('__init__() ')[-1]}") from None
-        except ValueError as err:
-            raise ValueError(f"config {key}: {err}") from None
+    need(cfg.segment.galp.threshold in (GALPConfig.threshold, cfg.segment.threshold), "segment.galp.threshold",
+         "set segment.threshold instead (the editor's part threshold)")

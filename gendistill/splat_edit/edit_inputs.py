@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -185,14 +186,14 @@ def _mask_from_property(scene: GaussianScene, attr: str, part: str) -> Tensor:
 
 
 def _mask_from_galp(scene: GaussianScene, cfg: EditConfig, cameras: Cameras, work_dir, progress: bool) -> Tensor:
-    from gendistill.splat_edit.galp import GALPConfig, train_label_field
+    from gendistill.splat_edit.galp import train_label_field
     from gendistill.splat_edit.part_masks import get_part_masks
 
     seg, part = cfg.segment, cfg.part
     parts = list(seg.parts or [part])
     if part not in parts:
         parts.append(part)
-    galp = GALPConfig(**{"threshold": seg.threshold, **seg.galp})
+    galp = replace(seg.galp, threshold=seg.threshold)
     options = dict(seg.mask_options)
     if work_dir is not None and seg.mask_source in ("files", "attention"):
         from gendistill.splat_edit.segment import segment

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -128,9 +128,9 @@ def make_anchor_targets(guidance, images: Tensor, masks: Tensor, cfg: EditConfig
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     size = images.shape[-2:]
     if method == "slamp":
-        from gendistill.splat_edit.slamp import SLaMPConfig, slamp_edit
+        from gendistill.splat_edit.slamp import slamp_edit
 
-        slamp_cfg = SLaMPConfig(**{"source_prompt": cfg.prompt, **cfg.anchors.slamp})
+        slamp_cfg = replace(cfg.anchors.slamp, source_prompt=cfg.anchors.slamp.source_prompt or cfg.prompt)
         out = slamp_edit(guidance, images, masks, cfg.edit_prompt, cfg.guidance.negative_prompt, slamp_cfg,
                          azimuth=azimuth, elevation=elevation, generator=gen)
         edited = out.images
