@@ -408,6 +408,7 @@ def test_kinds_declare_what_they_need(sd, sd_v, sd3, ip2p, monkeypatch):
     assert [g.prediction for g in kinds.values()] == ["eps", "v", "flow", "eps"]
     assert [g.needs_image_condition for g in kinds.values()] == [False, False, False, True]
     assert [g.anchor_method for g in kinds.values()] == ["slamp", "slamp", "slamp", "ip2p"]
+    assert [g.attention_capture for g in kinds.values()] == ["ours", "ours", "romap", None]
 
     class ToyPipeline(type(sd)):
         pass

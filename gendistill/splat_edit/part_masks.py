@@ -409,13 +409,20 @@ def _pipeline_kind(pipe) -> str:
                      f"pixel space) or an SD3Transformer2DModel, got {type(pipe).__name__}")
 
 
-def resolve_capture(capture: str, kind: str) -> str:
-    """The capture mode: "auto" is "romap" for SD3 transformers and "ours" for UNets."""
+def resolve_capture(capture: str, pipe) -> str:
+    """The capture mode for `pipe`: "auto" is what its guidance kind declares (`Guidance.attention_capture`:
+    "romap" for SD3 transformers, "ours" for UNets)."""
+    from gendistill.core.guidance import GUIDANCE, detect_kind
+
     if capture not in CAPTURES:
         raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    kind = detect_kind(pipe)
+    own = GUIDANCE.get_entry(kind).attention_capture
+    if own is None:
+        raise ValueError(f"guidance kind {kind!r} ({type(pipe).__name__}) declares no attention capture")
     if capture == "auto":
-        return "romap" if kind == "sd3" else "ours"
-    if capture == "romap" and kind != "sd3":
+        return own
+    if capture == "romap" and own != "romap":
         raise ValueError("capture='romap' (text-to-image scores of a rectified-flow inversion) needs an SD3-style "
                          "transformer pipeline; use capture='ours' for UNets")
     return capture
@@ -536,7 +543,7 @@ def attention_maps(pipe, images: Tensor, prompt: str, parts: Sequence[str], *, c
     """
     parts = list(parts)
     kind = _pipeline_kind(pipe)
-    capture = resolve_capture(capture, kind)
+    capture = resolve_capture(capture, pipe)
     unknown = sorted(set(romap_options) - set(ROMAP_OPTIONS))
     if unknown:
         raise ValueError(f"attention capture: unknown option(s) {unknown}; capture 'romap' takes {ROMAP_OPTIONS}, "
@@ -646,7 +653,8 @@ def masks_from_attention(scene: GaussianScene, parts: Sequence[str], *, pipeline
     if unknown:
         raise ValueError(f"attention mask source: unknown option(s) {unknown}")
     pipe = load_pipeline(pipeline, device=device)
-    mode = resolve_capture(capture, _pipeline_kind(pipe))
+    _pipeline_kind(pipe)  # a clear error for a pipeline without usable attention
+    mode = resolve_capture(capture, pipe)
     temp0, bg0, out0 = CAPTURE_DEFAULTS[mode]
     refine_fn = refiner(refine)
     images = render_views(scene, cameras, background=bg0 if background is None else background, backend=backend)

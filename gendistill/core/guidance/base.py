@@ -92,6 +92,7 @@ class Guidance:
     kind = ""
     needs_image_condition = False  # `loss` also takes the conditioning image (InstructPix2Pix)
     anchor_method = "slamp"  # how the editor makes its 2D anchor edits: "slamp" or "ip2p" (the pipeline's own)
+    attention_capture: str | None = None  # the part-mask capture its denoiser supports ("ours", "romap"), if any
 
     @classmethod
     def accepts(cls, pipe) -> bool:

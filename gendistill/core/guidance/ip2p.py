@@ -27,6 +27,7 @@ class IP2PGuidance(SDSGuidance):
     kind = "ip2p"
     needs_image_condition = True
     anchor_method = "ip2p"
+    attention_capture = None  # its UNet also takes the condition image: no plain text-to-image attention
 
     @classmethod
     def accepts(cls, pipe) -> bool:

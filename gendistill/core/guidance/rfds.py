@@ -45,6 +45,7 @@ class RFDSGuidance(Guidance):
     """RoMaP's rectified-flow score distillation with an SD3-style transformer pipeline."""
 
     kind = "rfds"
+    attention_capture = "romap"  # RoMaP's text-to-image scores of the joint-attention transformer
 
     @classmethod
     def accepts(cls, pipe) -> bool:

@@ -46,6 +46,7 @@ class SDSGuidance(Guidance):
     """SDS with a UNet pipeline (SD 1.x / 2.x, v-prediction SD 2.x, pixel-space UNets)."""
 
     kind = "sds"
+    attention_capture = "ours"  # image-to-text cross-attention of the UNet
 
     @classmethod
     def accepts(cls, pipe) -> bool:
