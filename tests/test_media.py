@@ -50,3 +50,23 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_atomic_path_syncs_and_respects_the_umask_without_changing_it(tmp_path, monkeypatch):
+    import os
+
+    synced, umasks = [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    real_umask = os.umask
+    monkeypatch.setattr(os, "umask", lambda m: (umasks.append(m), real_umask(m))[1])
+    old = real_umask(0o027)
+    try:
+        with atomic_path(tmp_path / "a.bin") as tmp:
+            tmp.write_bytes(b"data")
+    finally:
+        real_umask(old)
+    assert (tmp_path / "a.bin").read_bytes() == b"data"
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640  # 0666 less the umask 027
+    assert umasks == []  # the process-wide umask is never touched (threads may be creating files)
+    assert synced[-1] == str(tmp_path) and any(s.endswith(".bin") for s in synced[:-1])  # the file, then its folder

@@ -203,6 +203,19 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ply"]
 
 
+def test_non_finite_values_are_never_written(tmp_path):
+    """save_ply refuses what load_ply would reject, and leaves an existing file as it was."""
+    target = tmp_path / "out.ply"
+    random_scene(n=10, seed=1).save_ply(target)
+    before = target.read_bytes()
+    bad = random_scene(n=10, seed=2)
+    bad.means[3, 1] = float("nan")
+    bad.sh[5, 0, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN/inf values in y \(1\), f_dc_2 \(1\)"):
+        bad.save_ply(target)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.ply"]
+
+
 def test_invalid_construction():
     s = random_scene(n=4)
     with pytest.raises(ValueError, match="quats"):
@@ -310,7 +323,7 @@ def _pool(img, mask, k=3):
 
 
 def test_garden_render_matches_point_projection(shared_data):
-    rasterize = pytest.importorskip("gendistill.core.render").rasterize
+    from gendistill.core.render import rasterize
     from gendistill.core.cameras import Cameras
 
     with np.load(shared_data / "test_garden.npz") as z:

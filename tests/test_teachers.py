@@ -538,7 +538,7 @@ def test_too_few_frames_is_an_error():
 
 # -- real data ------------------------------------------------------------------------------------------
 def test_real_video_through_full_preprocessing(shared_data, tmp_path):
-    imageio = pytest.importorskip("imageio.v2")
+    import imageio.v2 as imageio
     reader = imageio.get_reader(shared_data / "garden_render_480p.mp4", "ffmpeg")
     frames = np.stack([f for _, f in zip(range(9), reader)])  # [9, 324, 640, 3] uint8
     reader.close()

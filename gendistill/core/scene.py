@@ -401,6 +401,7 @@ class GaussianScene:
         """Write INRIA 3DGS binary little-endian PLY, atomically; returns the path.
 
         Normals are written as zeros. Label SH, certainty and extras follow the INRIA properties.
+        NaN / inf values are refused (ValueError naming the properties) before anything is written.
         """
         path = Path(path)
         n = len(self)
@@ -437,6 +438,10 @@ class GaussianScene:
                 if arr.min() < info.min or arr.max() > info.max:
                     raise ValueError(f"extra property {key!r} has values outside the range of PLY type {target}")
             columns.append((key, arr.astype(target)))
+        bad = {name: int((~np.isfinite(col)).sum()) for name, col in columns if col.dtype.kind == "f"}
+        bad = {name: count for name, count in bad.items() if count}
+        if bad:  # load_ply refuses them: never write a file our own reader rejects
+            raise ValueError(f"{path}: not written, NaN/inf values in " + ", ".join(f"{k} ({v})" for k, v in bad.items()))
         data = np.empty(n, dtype=[(name, col.dtype.newbyteorder("<")) for name, col in columns])
         for name, col in columns:
             data[name] = col
