@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(args.load_config(args)), end="")
             return 0
         args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as err:
         if args.debug:
             raise
         print(f"gendistill {args.command}: error: {_message(err)}", file=sys.stderr)

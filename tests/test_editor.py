@@ -71,7 +71,7 @@ def run(models, tmp_path_factory):
 
 def test_outputs_summary_and_report_links(run):
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["interrupted"] is False
+    assert summary["steps"] == 3 and summary["interrupted"] is False and summary["steps_skipped_nonfinite"] == 0
     g = summary["gaussians"]
     assert g["part_input"] == 3500 and g["outside"] == 11500
     assert g["output"] == g["outside"] + g["part_output"]
@@ -480,3 +480,46 @@ def test_psnr_outside_and_loss_curve():
     assert img.shape == (100, 200, 3) and img.dtype == np.uint8
     assert ranges["loss"] == (1.0, 10.0) and ranges["anchor"] == (0.0, 9.0)
     assert (img == (214, 39, 40)).all(-1).sum() > 100  # the anchor series is drawn in red
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_edit(models, tmp_path, monkeypatch):
+    """A guidance gradient with NaN/inf (an fp16 overflow) skips the step (no update, counted), and
+    max_nonfinite_steps of them in a row stop the edit with a clear error (no edited.ply written)."""
+    from gendistill.splat_edit.editor import prepare_edit
+
+    cfg = load_edit_config(CONFIG, _overrides(tmp_path / "a", models, "steps=4", "densify.enabled=false",
+                                              "anchors.method=none", "max_nonfinite_steps=3"))
+    editor, _ = prepare_edit(cfg, progress=False)
+    g = editor.guidance
+    real = g.compute_grad
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        grad, w = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            grad = grad.clone()
+            grad.view(-1)[:5] = float("nan")
+        return grad, w
+
+    monkeypatch.setattr(g, "compute_grad", sometimes_nan)
+    before = {k: v.detach().clone() for k, v in editor.params.items()}
+    first = editor.step()
+    after_first = {k: v.detach().clone() for k, v in editor.params.items()}
+    assert not first["skipped"] and any(not torch.equal(before[k], after_first[k]) for k in before)
+    second, third = editor.step(), editor.step()
+    assert second["skipped"] and third["skipped"] and editor.nonfinite_steps == 2
+    assert all(torch.equal(after_first[k], v) for k, v in editor.params.items())  # no Adam update from NaN
+    assert not editor.step()["skipped"] and editor._nonfinite_run == 0
+    monkeypatch.setattr(g, "compute_grad", lambda *a, **k: (torch.full_like(a[0], float("inf")), real(*a, **k)[1]))
+    editor.step(), editor.step()
+    with pytest.raises(FloatingPointError, match="3 edit steps in a row had NaN/inf gradients"):
+        editor.step()
+    # through the command: the error is one line, and nothing half-done is written
+    bad = _overrides(tmp_path / "b", models, "steps=3", "anchors.method=none", "max_nonfinite_steps=2",
+                     "guidance.options={grad_clip: 1.0}")
+    monkeypatch.setattr(type(g), "compute_grad", lambda self, *a, **k: (torch.full_like(a[0], float("nan")),
+                                                                         torch.ones(a[0].shape[0])))
+    with pytest.raises(FloatingPointError):
+        run_edit(load_edit_config(CONFIG, bad), progress=False)
+    assert not (tmp_path / "b" / "edited.ply").exists()

@@ -206,6 +206,8 @@ class EditConfig:
     background: RGB behind the Gaussians. mask_dilation: pixels added to the SDS mask.
     device: "cpu" / "cuda" (None: cuda when available). backend: render backend.
     profile: synchronise and time each stage of a step (summary.json "timings").
+    max_nonfinite_steps: a step whose loss or gradients hold NaN/inf is skipped (counted in summary.json
+    "steps_skipped_nonfinite"); this many in a row stop the edit with an error.
     """
 
     scene: str = MISSING
@@ -226,6 +228,7 @@ class EditConfig:
     backend: str = "auto"
     profile: bool = False
     log_every: int = 10
+    max_nonfinite_steps: int = 10
     cameras: CameraConfig = field(default_factory=CameraConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -252,6 +255,7 @@ def check_values(cfg: EditConfig) -> None:
             raise ValueError(f"config {key}: {msg}")
 
     need(cfg.steps >= 0, "steps", f"must be >= 0, got {cfg.steps}")
+    need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", f"must be >= 1, got {cfg.max_nonfinite_steps}")
     need(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
     need(cfg.lambda_sds >= 0 and cfg.lambda_anchor >= 0, "lambda_sds/lambda_anchor", "must be >= 0")
     need(len(cfg.background) == 3, "background", f"must be [r, g, b], got {cfg.background}")

@@ -241,6 +241,7 @@ class PartEditor:
         self.n_part_input = len(src)
         self.step_count = 0
         self.history: list[dict[str, float]] = []
+        self.nonfinite_steps = self._nonfinite_run = 0  # steps skipped for NaN/inf gradients: all, in a row
         self.timer = StepTimer(sync=cfg.profile)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.noise_generator = (torch.Generator(device=guidance.device).manual_seed(cfg.seed)
@@ -299,6 +300,19 @@ class PartEditor:
                           generator=self.noise_generator, **extra)
         return loss.to(self.device)
 
+    def _nonfinite(self, loss: Tensor, use_sds: bool) -> bool:
+        """Whether this step's loss or gradients hold NaN/inf (then it is skipped: no Adam update, no
+        densification); `max_nonfinite_steps` of them in a row stop the edit with an error."""
+        bad = (use_sds and self.guidance.last.get("nonfinite", 0) > 0) or not bool(torch.isfinite(loss))
+        bad = bad or any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.params.values())
+        self.nonfinite_steps += int(bad)
+        self._nonfinite_run = self._nonfinite_run + 1 if bad else 0
+        if self._nonfinite_run >= self.cfg.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self._nonfinite_run} edit steps in a row had NaN/inf gradients (step {self.step_count + 1}): "
+                "try guidance.dtype=float32, a lower guidance.guidance_scale or guidance.options.grad_clip")
+        return bad
+
     @torch.no_grad()
     def _condition(self, view: int) -> Tensor:
         """InstructPix2Pix conditioning latents of the original scene at ring view `view` (cached)."""
@@ -338,16 +352,17 @@ class PartEditor:
             with t("backward_render"):  # pixels -> Gaussian parameters
                 if grad_rgb is not None:
                     rgb.backward(grad_rgb)
+        skip = self._nonfinite(loss, use_sds)
         with t("optimizer"):
             for name, opt in self.optimizers.items():
-                if name not in self.frozen:
+                if name not in self.frozen and not skip:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
-            if densify and cams is not None and meta["means2d"].grad is not None:
+            if densify and not skip and cams is not None and meta["means2d"].grad is not None:
                 self._densify(meta)
         self.step_count += 1
         record = {"step": self.step_count, "loss": loss.item(), "sds": sds.item(), "anchor": anchor.item(),
-                  "gaussians": int(len(self.params["means"]))}
+                  "gaussians": int(len(self.params["means"])), "skipped": skip}
         self.history.append(record)
         return record
 
@@ -561,6 +576,7 @@ def run_edit(cfg: EditConfig, *, callback: Callable[[PartEditor, dict], None] | 
     summary = {
         "scene": str(cfg.scene), "part": cfg.part, "prompt": cfg.prompt, "edit_prompt": cfg.edit_prompt,
         "steps_planned": cfg.steps, "steps": editor.step_count, "interrupted": interrupted,
+        "steps_skipped_nonfinite": editor.nonfinite_steps,
         "seconds": {"total": None, "setup": t_setup - t_start, "optimisation": t_end - t_loop,
                     "per_step": (t_end - t_loop) / max(editor.step_count, 1)},
         "timings_per_step": {k: v / max(editor.step_count, 1) for k, v in editor.timer.totals.items()},

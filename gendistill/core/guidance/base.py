@@ -346,7 +346,8 @@ class Guidance:
 
         Returns:
             [] loss with d loss / d latents = w(t) (prediction - target) m / B for reduction "sum" (see
-            `REDUCTIONS` for the others). `self.last` holds
+            `REDUCTIONS` for the others); NaN / inf elements of the gradient are zeroed and counted in
+            `self.last["nonfinite"]` (a caller skips such a step). `self.last` holds
             "t", "w", "grad" ([B,C,h,w], the gradient times B) and "latents" of this call.
         """
         return self._loss(images, prompt, negative_prompt, latents=latents, mask=mask, t=t, noise=noise,
@@ -369,14 +370,17 @@ class Guidance:
         cond, uncond = self.embeddings(prompt, negative_prompt, batch, azimuth, elevation)
         with torch.no_grad():
             grad, w = self.compute_grad(latents.detach().float(), t, noise, cond, uncond, **extra)
-            grad = torch.nan_to_num(grad)
+            finite = torch.isfinite(grad)
+            nonfinite = 0 if is_fake(grad) else int((~finite).sum())
+            if nonfinite:  # counted for the caller to skip the step (an fp16 overflow must not become a loss)
+                grad = torch.where(finite, grad, torch.zeros_like(grad))
             if self.grad_clip is not None:
                 grad = grad.clamp(-self.grad_clip, self.grad_clip)
             if m is not None:
                 grad = grad * m
         target = (latents.float() - grad).detach()
         loss = self._reduce((latents.float() - target).pow(2), m, batch)
-        self.last = {"t": t, "w": w, "grad": grad, "latents": latents.detach()}
+        self.last = {"t": t, "w": w, "grad": grad, "latents": latents.detach(), "nonfinite": nonfinite}
         return loss
 
     def _reduce(self, sq: torch.Tensor, m: torch.Tensor | None, batch: int) -> torch.Tensor:
