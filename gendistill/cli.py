@@ -137,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(args.load_config(args)), end="")
             return 0
-        args.run(args)
+        code = args.run(args)
     except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as err:
         if args.debug:
             raise
         print(f"gendistill {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

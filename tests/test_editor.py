@@ -133,8 +133,10 @@ def test_interrupt_writes_loadable_result(models, tmp_path):
     assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
 
 
-def test_ctrl_c_in_a_cli_subprocess(models, tmp_path):
-    """SIGINT to a running `python -m gendistill edit`: exit 0 and a complete result."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_in_a_cli_subprocess(models, tmp_path, sig, code):
+    """SIGINT / SIGTERM to a running `python -m gendistill edit`: a complete result, then exit 130 / 143
+    (a scheduler tells an interrupted run from a finished one)."""
     import subprocess
     import sys
     import time
@@ -149,14 +151,14 @@ def test_ctrl_c_in_a_cli_subprocess(models, tmp_path):
         while not list((out / "anchors").glob("*_target.png")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)  # inside the optimisation loop now
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "SIGINT: stopping after the current step" in stderr and "outputs in" in stdout
+    assert proc.returncode == code, stderr[-2000:]
+    assert f"{sig.name}: stopped after step" in stderr and "outputs in" in stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["interrupted"] == "SIGINT" and 0 < summary["steps"] < 100000
+    assert summary["interrupted"] == sig.name and 0 < summary["steps"] < 100000
     assert len(GaussianScene.load_ply(out / "edited.ply")) == 15000 and (out / "report.html").is_file()
 
 

@@ -34,10 +34,12 @@ def load_edit_command_config(args):
     return load_edit_config(args.config, args.overrides)
 
 
-def run_edit_command(args) -> None:
+def run_edit_command(args) -> int:
     from gendistill.splat_edit.edit_config import load_edit_config
     from gendistill.splat_edit.editor import run_edit
 
     result = run_edit(load_edit_config(args.config, args.overrides), progress=not args.no_progress)
     print(f"edit: {result.summary['steps']} steps, outputs in {result.out}/")
+    # an interrupted run wrote a complete result, but a scheduler must tell it from a finished one
+    return {"SIGINT": 130, "SIGTERM": 143}.get(result.summary["interrupted"], 0)
 

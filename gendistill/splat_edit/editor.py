@@ -429,13 +429,11 @@ class StopRequest:
         self.requested: str | None = None
         self._old: dict = {}
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum, frame) -> None:  # only sets the flag: the loop reports it
         name = signal.Signals(signum).name
         if self.requested is not None:
             raise KeyboardInterrupt(f"second {name}")
         self.requested = name
-        print(f"\n{name}: stopping after the current step and writing the result (again to abort)",
-              file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -554,7 +552,7 @@ def run_edit(cfg: EditConfig, *, callback: Callable[[PartEditor, dict], None] | 
     report.write_mask(out, cfg.part, editor.mask)
     t_setup = time.perf_counter()
     removed_bg = 0
-    with StopRequest() as stop:
+    with StopRequest() as stop:  # installed until the result and the report are written
         anchors, removed_bg = anchor_stage(editor, cfg, method)
         if anchors is not None:
             report.write_anchors(out, anchors)
@@ -570,23 +568,26 @@ def run_edit(cfg: EditConfig, *, callback: Callable[[PartEditor, dict], None] | 
                 callback(editor, record)
         bar.close()
         interrupted = stop.requested or False
-    t_end = time.perf_counter()
-    edited = editor.edited_scene()
-    scene_path = edited.save_ply(out / "edited.ply")
-    summary = {
-        "scene": str(cfg.scene), "part": cfg.part, "prompt": cfg.prompt, "edit_prompt": cfg.edit_prompt,
-        "steps_planned": cfg.steps, "steps": editor.step_count, "interrupted": interrupted,
-        "steps_skipped_nonfinite": editor.nonfinite_steps,
-        "seconds": {"total": None, "setup": t_setup - t_start, "optimisation": t_end - t_loop,
-                    "per_step": (t_end - t_loop) / max(editor.step_count, 1)},
-        "timings_per_step": {k: v / max(editor.step_count, 1) for k, v in editor.timer.totals.items()},
-        "gaussians": {"input": len(scene), "output": len(edited), **editor.counts(),
-                      "removed_background": removed_bg},
-        "anchor_views": anchors.views if anchors is not None else [], "anchor_method": method,
-        "guidance": {"kind": guidance.kind, "model": str(cfg.guidance.model)},
-        "device": str(editor.device), "config": asdict(cfg),
-    }
-    report.write_summary(out, summary)  # a complete, loadable result exists from here on
-    summary = report.write_report(out, cfg, editor, summary, t_start)
+        if interrupted:  # printed here, not in the handler (tqdm writes to the same stream)
+            print(f"{interrupted}: stopped after step {editor.step_count}; writing the result (again to abort)",
+                  file=sys.stderr, flush=True)
+        t_end = time.perf_counter()
+        edited = editor.edited_scene()
+        scene_path = edited.save_ply(out / "edited.ply")
+        summary = {
+            "scene": str(cfg.scene), "part": cfg.part, "prompt": cfg.prompt, "edit_prompt": cfg.edit_prompt,
+            "steps_planned": cfg.steps, "steps": editor.step_count, "interrupted": interrupted,
+            "steps_skipped_nonfinite": editor.nonfinite_steps,
+            "seconds": {"total": None, "setup": t_setup - t_start, "optimisation": t_end - t_loop,
+                        "per_step": (t_end - t_loop) / max(editor.step_count, 1)},
+            "timings_per_step": {k: v / max(editor.step_count, 1) for k, v in editor.timer.totals.items()},
+            "gaussians": {"input": len(scene), "output": len(edited), **editor.counts(),
+                          "removed_background": removed_bg},
+            "anchor_views": anchors.views if anchors is not None else [], "anchor_method": method,
+            "guidance": {"kind": guidance.kind, "model": str(cfg.guidance.model)},
+            "device": str(editor.device), "config": asdict(cfg),
+        }
+        report.write_summary(out, summary)  # a complete, loadable result exists from here on
+        summary = report.write_report(out, cfg, editor, summary, t_start)
     print(f"edited scene: {scene_path}\nreport: {out / 'report.html'}", file=sys.stderr)
     return EditResult(out=out, scene=scene_path, summary=summary)
