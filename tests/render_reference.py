@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from gendistill.core.render.sh import eval_sh
+from gsplat.cuda._torch_impl import _spherical_harmonics  # gsplat's pure-torch SH: an oracle outside our code
 
 ALPHA_MIN = 1.0 / 255.0
 
@@ -165,8 +165,8 @@ def reference_rasterize(means, quats, scales, opacities, colors, viewmats, Ks, w
             rot, trans = viewmats_np[ci, :3, :3], viewmats_np[ci, :3, 3]
             centre = -rot.T @ trans
             coeffs = colors_np[ci] if colors_np.ndim == 4 else colors_np
-            sh = eval_sh(sh_degree, torch.from_numpy(np.ascontiguousarray(coeffs)),
-                         torch.from_numpy(means_np - centre[None])).numpy()  # fmt: skip
+            sh = _spherical_harmonics(sh_degree, torch.from_numpy(means_np - centre[None]),
+                                      torch.from_numpy(np.ascontiguousarray(coeffs))).numpy()  # fmt: skip
             feats[ci] = np.maximum(sh + 0.5, 0.0)
     bg = None if backgrounds is None else np.broadcast_to(to_np(backgrounds), (n_cams, feats.shape[-1]))
     depth = proj["depths"][..., None]

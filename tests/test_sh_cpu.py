@@ -1,5 +1,7 @@
 """`sh_colors_cpu` (numba) against the torch `sh_colors`: colours and gradients, degrees 0-3."""
 
+import math
+
 import pytest
 import torch
 
@@ -48,3 +50,28 @@ def test_float32_and_fallbacks():
     assert torch.equal(sh_colors_cpu(3, per_camera, means, viewmats), sh_colors(3, per_camera, means, viewmats))
     with pytest.raises(ValueError, match="needs 16 coefficients"):
         sh_colors_cpu(3, coeffs[:, :9], means, viewmats)
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_eval_sh_against_gsplat_and_orthonormal(degree):
+    """Our SH against an oracle outside our code (gsplat's pure-torch `_spherical_harmonics`, CPU), and
+    the basis orthonormal over the sphere (Fibonacci quadrature: mean of Y_i Y_j x 4 pi = delta_ij)."""
+    from gsplat.cuda._torch_impl import _spherical_harmonics
+
+    from gendistill.core.render.sh import eval_sh, num_sh_bases, sh_basis
+
+    g = torch.Generator().manual_seed(degree)
+    k = num_sh_bases(degree)
+    dirs = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    coeffs = torch.randn(500, 16, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(eval_sh(degree, coeffs, dirs), _spherical_harmonics(degree, dirs, coeffs),
+                               rtol=1e-10, atol=1e-12)
+    n = 20000
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z = 1 - 2 * i / n
+    phi = math.pi * (1 + 5 ** 0.5) * i
+    r = (1 - z * z).sqrt()
+    points = torch.stack([r * phi.cos(), r * phi.sin(), z], -1)
+    basis = sh_basis(degree, points)  # [n, k]
+    gram = basis.T @ basis * (4 * math.pi / n)
+    torch.testing.assert_close(gram, torch.eye(k, dtype=torch.float64), atol=2e-3, rtol=0)
