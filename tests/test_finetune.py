@@ -207,6 +207,17 @@ def test_bad_input_messages(tiny_models, tmp_path):
         VideoREPATrainer(tiny_cfg(tiny_models, tmp_path, "data.num_frames=8"))
 
 
+def test_a_bad_data_path_fails_before_any_model_loads(tiny_models, tmp_path, monkeypatch):
+    from gendistill.video_distill import trainer as T
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded before the data path was checked")
+
+    monkeypatch.setattr(T.VideoREPATrainer, "_load_models", no_models)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        VideoREPATrainer(tiny_cfg(tiny_models, tmp_path, f"data.path={tmp_path / 'nowhere'}"))
+
+
 def test_cli_finetune_skips_bad_clips_and_goes_on(tiny_models, tmp_path, capsys):
     """A manifest with a row pointing nowhere and a too-short video: both skipped, counted, the run completes."""
     import shutil

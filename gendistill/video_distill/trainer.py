@@ -116,6 +116,10 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         self._distributed_kind = acc.distributed_type.name if hasattr(acc.distributed_type, "name") else str(acc.distributed_type)
 
         self._ensure_tiny_models()
+        if data:  # the clips are found (or the path refused) before any model loads
+            from gendistill.video_distill.data import discover_clips
+
+            self._clips, self.problems = discover_clips(cfg.data.path, cfg.data.root)
         self._load_models()
         if data:
             self._build_data()
@@ -243,10 +247,9 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
     def _build_data(self) -> None:
         from torch.utils.data import DataLoader
 
-        from gendistill.video_distill.data import VideoClipDataset, collate_clips, discover_clips
+        from gendistill.video_distill.data import VideoClipDataset, collate_clips
 
-        cfg = self.cfg
-        clips, self.problems = discover_clips(cfg.data.path, cfg.data.root)
+        cfg, clips = self.cfg, self._clips
         cache = keys = None
         if cfg.data.cache:
             clips, keys, cache = self._precompute(clips)
