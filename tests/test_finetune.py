@@ -141,6 +141,18 @@ def test_resume_at_step_10_matches_uninterrupted_run(tiny_models, tmp_path, trai
     # and the run really moved between step 10 and 20
     a10 = load_file(tmp_path / "a" / "checkpoints" / "checkpoint-10" / "model.safetensors")
     assert any(not torch.equal(a10[k], a[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))  # each step logged once
+
+
+def test_a_resume_drops_the_log_of_steps_it_runs_again(tmp_path):
+    from gendistill.video_distill.checkpoints import drop_log_after
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(1, 14)))  # crashed at 13
+    assert drop_log_after(log, 10) == 3
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 11))
+    assert drop_log_after(log, 10) == 0 and drop_log_after(tmp_path / "none.jsonl", 3) == 0
 
 
 def test_lora_export_loads_into_pipeline_with_its_scale(tiny_models, tmp_path):

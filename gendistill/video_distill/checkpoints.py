@@ -12,8 +12,22 @@ from pathlib import Path
 import torch
 
 from gendistill.config import to_yaml
+from gendistill.core.io import atomic_path
 
-__all__ = ["CheckpointMixin"]
+__all__ = ["CheckpointMixin", "drop_log_after"]
+
+
+def drop_log_after(log: Path, step: int) -> int:
+    """Remove the records of steps after `step` from a JSON-lines log (they are run again after a
+    resume, and would be logged twice); returns how many went. The log is rewritten atomically."""
+    if not log.is_file():
+        return 0
+    lines = log.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        with atomic_path(log) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)
 
 
 class CheckpointMixin:
@@ -105,4 +119,5 @@ class CheckpointMixin:
         self.position, self.step = state["position"], state["step"]
         self.skipped.update(state.get("skipped", []))
         if self.accelerator.is_main_process:
+            drop_log_after(self.out / "logs" / "train_log.jsonl", self.step)
             print(f"resumed from {path} at step {self.step}")
