@@ -450,3 +450,25 @@ def test_released_videorepa_transformer_and_heads_load(tiny_models, tmp_path):
     bad = tiny_cfg(tiny_models, tmp_path / "c", f"align.heads={tiny_models['cogvideox']}/transformer")
     with pytest.raises(ValueError, match="no alignment heads"):
         VideoREPATrainer(bad, data=False)
+
+
+@pytest.mark.parametrize("training_type", ["sft", "lora"])
+def test_new_modules_do_not_depend_on_what_ran_before(tmp_path, training_type):
+    """The projector, aligner and LoRA adapters start from the config's seed: the same on the first run,
+    which builds and writes the tiny models (drawing random numbers), and on the next, which loads them."""
+    from accelerate.state import AcceleratorState
+
+    models = {"pretrained": tmp_path / "models" / "cog", "teacher": tmp_path / "models" / "vmae"}
+    heads = []
+    for run in ("first", "second"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        cfg = load_config(FinetuneConfig, TINY, [f"output_dir={tmp_path / run}", f"model.pretrained={models['pretrained']}",
+                                                 f"teacher.path={models['teacher']}", "model.tiny=true",
+                                                 f"training_type={training_type}", "lora.rank=4"])
+        trainer = VideoREPATrainer(cfg, data=False)
+        state = trainer.accelerator.unwrap_model(trainer.student).state_dict()
+        heads.append({k: v.detach().clone() for k, v in state.items()
+                      if k.startswith(("projector", "aligner")) or "lora" in k})
+    assert heads[0].keys() == heads[1].keys() and len(heads[0]) >= 8
+    for k in heads[0]:
+        torch.testing.assert_close(heads[0][k], heads[1][k], rtol=0, atol=0)

@@ -236,7 +236,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
                 cache.save(keys[i], {k: v[0] for k, v in feats.items()})
         acc.wait_for_everyone()
         ok = [i for i, k in enumerate(keys) if k in cache]
-        self.skipped.update(str(clips[i].video) for i in range(len(clips)) if i not in set(ok))
+        ok_set = set(ok)
+        self.skipped.update(str(clips[i].video) for i in range(len(clips)) if i not in ok_set)
         if acc.is_main_process:
             print(f"feature cache {cache.folder}/: {len(ok)} clips ready ({len(todo)} computed now, "
                   f"{len(clips) - len(ok)} unreadable)")
@@ -266,11 +267,9 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         return ResumableBatchSampler(len(self.dataset), self.cfg.batch_size, num_replicas=self.world, rank=self.rank,
                                      seed=self.cfg.seed, shuffle=self.cfg.data.shuffle, start=start)
 
-    def _build_student_and_optimizer(self) -> None:
-        from gendistill.video_distill.lr_schedules import build_scheduler
-
-        cfg, acc = self.cfg, self.accelerator
-        tr = self.transformer
+    def _new_modules(self, tr) -> AlignedStudent:
+        """LoRA adapters (for lora), projector and aligner on `tr`, gradient checkpointing: the student."""
+        cfg = self.cfg
         if cfg.training_type == "lora":
             from peft import LoraConfig as PeftLoraConfig
 
@@ -293,8 +292,17 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             projector = Projector(width, d_t, hidden=cfg.align.projector_dim)
             aligner = GridAligner(d_t, d_t, mode=cfg.align.downsampler, drop_first_frame=cfg.align.drop_first_frame,
                                   kernel_size=cfg.align.kernel_size, temporal=cfg.align.temporal)
-        student = AlignedStudent(tr, projector, aligner, cfg.align.align_layer).to(self.device)
-        if cfg.align.heads and projector is not None:
+        return AlignedStudent(tr, projector, aligner, cfg.align.align_layer).to(self.device)
+
+    def _build_student_and_optimizer(self) -> None:
+        from gendistill.video_distill.lr_schedules import build_scheduler
+
+        cfg, acc = self.cfg, self.accelerator
+        tr = self.transformer
+        with torch.random.fork_rng(devices=[]):  # new modules seeded from the config, whatever ran before
+            torch.manual_seed(cfg.seed)
+            student = self._new_modules(tr)
+        if cfg.align.heads and student.projector is not None:
             from gendistill.video_distill.heads import load_heads
 
             load_heads(student, cfg.align.heads)
