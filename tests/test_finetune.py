@@ -472,3 +472,46 @@ def test_new_modules_do_not_depend_on_what_ran_before(tmp_path, training_type):
     assert heads[0].keys() == heads[1].keys() and len(heads[0]) >= 8
     for k in heads[0]:
         torch.testing.assert_close(heads[0][k], heads[1][k], rtol=0, atol=0)
+
+
+def test_nonfinite_steps_are_skipped_before_the_optimizer_and_stop_the_run(tiny_models, tmp_path, monkeypatch):
+    """A NaN loss skips the optimizer step (the weights keep their values: the check runs before
+    optimizer.step), is counted in the log, and max_nonfinite_steps in a row stop the run."""
+    cfg = tiny_cfg(tiny_models, tmp_path / "run", "max_steps=6", "checkpoint.every=0", "validation.every=0",
+                   "export=false", "max_nonfinite_steps=3")
+    trainer = VideoREPATrainer(cfg)
+    real = trainer.compute_losses
+    calls = {"n": 0}
+
+    def nan_at_two(batch, generator=None):
+        losses = real(batch, generator)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            losses = {**losses, "loss": losses["loss"] * float("nan")}
+        return losses
+
+    monkeypatch.setattr(trainer, "compute_losses", nan_at_two)
+    weights = {}
+
+    def snapshot(step):
+        weights[step] = {k: v.detach().clone() for k, v in trainer.student.state_dict().items() if "projector" in k}
+
+    real_step = trainer.training_step
+
+    def watched(batch):
+        snapshot(trainer.step)
+        return real_step(batch)
+
+    monkeypatch.setattr(trainer, "training_step", watched)
+    summary = trainer.train()
+    assert trainer.nonfinite_steps == 1 and summary["history"][-1]["skipped_nonfinite"] == 1
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # step 2 skipped: no update
+    assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # step 3 trained again
+    always = tiny_cfg(tiny_models, tmp_path / "run2", "max_steps=6", "checkpoint.every=0", "validation.every=0",
+                      "export=false", "max_nonfinite_steps=3")
+    bad = VideoREPATrainer(always)
+    real_bad = bad.compute_losses
+    monkeypatch.setattr(bad, "compute_losses", lambda batch, generator=None: {
+        k: v * float("inf") for k, v in real_bad(batch, generator).items()})
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row had NaN/inf"):
+        bad.train()

@@ -140,6 +140,7 @@ class FinetuneConfig:
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     log_every: int = 1
     export: bool = True
+    max_nonfinite_steps: int = 10  # an optimizer step with NaN/inf loss or gradients is skipped; this many in a row stop
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -169,6 +170,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         (cfg.align.loss in ALIGN_LOSSES, f"align.loss must be one of {ALIGN_LOSSES}, got {cfg.align.loss!r}"),
         (cfg.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}, got {cfg.mixed_precision!r}"),
         (cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}"),
+        (cfg.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {cfg.max_nonfinite_steps}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
         (cfg.align.align_layer >= 1, f"align.align_layer is 1-based, got {cfg.align.align_layer}"),
