@@ -515,3 +515,38 @@ def test_nonfinite_steps_are_skipped_before_the_optimizer_and_stop_the_run(tiny_
         k: v * float("inf") for k, v in real_bad(batch, generator).items()})
     with pytest.raises(FloatingPointError, match="3 optimizer steps in a row had NaN/inf"):
         bad.train()
+
+
+def test_sigterm_checkpoints_then_exits_143(tiny_models, tmp_path):
+    """Preemption: SIGTERM to a running `gendistill finetune` writes a checkpoint at the current step
+    and exits 143; resuming from it continues at that step."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    args = ["--config", str(TINY), f"output_dir={out}", f"model.pretrained={tiny_models['cogvideox']}",
+            f"teacher.path={tiny_models['videomae']}", f"data.path={CLIPS}", "checkpoint.every=0",
+            "validation.every=0", "export=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "gendistill", "finetune", "--no-progress", *args,
+                             "max_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    log = out / "logs" / "train_log.jsonl"
+    try:
+        deadline = time.time() + 120
+        while (not log.is_file() or len(log.read_text().splitlines()) < 2) and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM: checkpoint at step" in stdout
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert step >= 2
+    resumed = VideoREPATrainer(load_config(FinetuneConfig, TINY, [*args[2:], f"max_steps={step + 1}",
+                                                                  "resume_from_checkpoint=latest"]))
+    assert resumed.step == step and resumed.train()["step"] == step + 1

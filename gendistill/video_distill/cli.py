@@ -54,12 +54,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run_finetune(args) -> None:
+def run_finetune(args) -> int:
     from gendistill.config import load_config
     from gendistill.video_distill.finetune_config import FinetuneConfig
     from gendistill.video_distill.trainer import finetune
 
-    finetune(load_config(FinetuneConfig, args.config, args.overrides))
+    summary = finetune(load_config(FinetuneConfig, args.config, args.overrides))
+    return 143 if summary["interrupted"] == "SIGTERM" else 0  # preempted: checkpointed, not finished
 
 
 def run_generate(args) -> None:

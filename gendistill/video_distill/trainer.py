@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -431,6 +433,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="finetune", unit="step",
                    disable=not acc.is_local_main_process)
         accum: list[dict] = []
+        preempted = _Flag(signal.SIGTERM)  # preemption: checkpoint, then stop (the CLI exits 143)
         while self.step < cfg.max_steps:
             metrics = self.training_step(next(loader))
             accum.append(metrics)
@@ -450,7 +453,19 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
                 self.save_checkpoint()
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
+            if self._agreed(preempted.raised):
+                if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self.save_checkpoint()
+                if acc.is_main_process:
+                    print(f"SIGTERM: checkpoint at step {self.step} in {self.checkpoint_root}/; resume with "
+                          "resume_from_checkpoint=latest", flush=True)
+                break
+        preempted.restore()
         bar.close()
+        if preempted.raised:
+            return {"step": self.step, "history": history, "seconds": time.perf_counter() - start_time,
+                    "export": None, "skipped": self._total_skipped(), "problems": list(self.problems),
+                    "interrupted": "SIGTERM"}
         elapsed = time.perf_counter() - start_time
         export = self.export() if cfg.export else None
         skipped = self._total_skipped()
@@ -465,7 +480,29 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
                 where.append(f"export in {export}/")
             print(f"finetune done: step {self.step}; " + ", ".join(where or [f"log in {self.out / 'logs'}/"]))
         return {"step": self.step, "history": history, "seconds": elapsed, "export": export,
-                "skipped": skipped, "problems": list(self.problems)}
+                "skipped": skipped, "problems": list(self.problems), "interrupted": False}
+
+    def _agreed(self, flag: bool) -> bool:
+        """`flag` on any rank (every rank gets the same answer)."""
+        if self.world == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="sum") > 0)
+
+
+class _Flag:
+    """Sets `raised` when `sig` arrives (main thread only), instead of the default action; `restore()`."""
+
+    def __init__(self, sig):
+        self.sig, self.raised, self.old = sig, False, None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(sig, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        if self.old is not None:
+            signal.signal(self.sig, self.old)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
