@@ -68,3 +68,25 @@ def test_a_value_for_a_section_says_what_the_section_expects():
         load_config(EditConfig, None, [*required, "cameras=3"])
     with pytest.raises(ConfigError, match=r"'guidance\.options' is a section"):
         load_config(EditConfig, None, [*required, "guidance.options=3"])
+
+
+def test_adam_is_fused_where_the_kernel_exists(monkeypatch):
+    """core.runtime.adam: the fused kernel when this torch has it, the plain Adam where it does not
+    (CPU fused Adam needs torch 2.4; the package allows older)."""
+    import torch
+
+    from gendistill.core.runtime import adam
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert adam([p], lr=0.1).defaults["fused"] is True
+    real = torch.optim.Adam
+
+    def old_torch(params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                               "devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", old_torch)
+    opt = adam([p], lr=0.1, eps=1e-15)
+    assert isinstance(opt, real) and not opt.defaults["fused"] and opt.defaults["eps"] == 1e-15

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from gendistill.core.cameras import Cameras
 from gendistill.core.render import RestCache, render_part
-from gendistill.core.runtime import resolve_device
+from gendistill.core.runtime import adam, resolve_device
 from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit.edit_config import EditConfig
 from gendistill.splat_edit.edit_inputs import (
@@ -231,7 +231,7 @@ class PartEditor:
         self.frozen = {k for k, lr in lrs.items() if lr <= 0 and k in raw}
         grad = {k: lrs[k] > 0 or (k == "means" and d.enabled) for k in raw}
         self.params = {k: torch.nn.Parameter(v.detach().clone().float(), requires_grad=grad[k]) for k, v in raw.items()}
-        self.optimizers = {k: (torch.optim.Adam([p], lr=lrs[k], eps=1e-15, fused=True) if k not in self.frozen
+        self.optimizers = {k: (adam([p], lr=lrs[k], eps=1e-15) if k not in self.frozen
                                else torch.optim.SGD([p], lr=0.0)) for k, p in self.params.items() if p.requires_grad}
         self.strategy = DefaultStrategy(prune_opa=d.prune_opa, grow_grad2d=d.grow_grad2d, grow_scale3d=d.grow_scale3d,
                                         prune_scale3d=d.prune_scale3d, refine_start_iter=d.start,

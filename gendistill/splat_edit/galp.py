@@ -55,6 +55,7 @@ from torch import Tensor
 from gendistill.core.cameras import Cameras
 from gendistill.core.render import rasterize
 from gendistill.core.render.sh import SH_C0, eval_sh, num_sh_bases, sh_basis, sh_degree_from_bases
+from gendistill.core.runtime import adam
 from gendistill.core.scene import GaussianScene
 
 __all__ = [
@@ -499,10 +500,7 @@ class LabelField:
         groups = [{"params": [self.dc], "lr": cfg.lr}]
         if self.rest.shape[1]:
             groups.append({"params": [self.rest], "lr": cfg.lr * cfg.rest_lr_factor})
-        try:  # the fused kernel is several times faster on CPU
-            self.optimizer = torch.optim.Adam(groups, eps=1e-15, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            self.optimizer = torch.optim.Adam(groups, eps=1e-15)
+        self.optimizer = adam(groups, eps=1e-15)
         # ours: the k nearest other Gaussians of every Gaussian, once; romap: the anchors' k nearest
         # (themselves included), found when the anchors change
         self.neighbors = None if self.romap else knn_indices(self.geometry["means"], cfg.knn)
