@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned, so pip takes the CPU wheel on disk instead of a multi-GB CUDA build
-	$(PY) -m pip install -q "torch==2.13.0"
+	# torch first and pinned: an unpinned torch on Linux is PyPI's multi-GB CUDA build. Without a GPU,
+	# tools/torch_index.py points pip at PyTorch's CPU wheel index when that answers within 2 s; otherwise
+	# (CI has no route to it) the plain pin takes the CPU build of 2.13.0 in pip's local wheel folder.
+	$(PY) -m pip install -q "torch==2.13.0" $$($(PYTHON) tools/torch_index.py)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
