@@ -6,16 +6,26 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+REAL_SAMPLE = ROOT / "tests" / "data" / "garden"  # cut from SHARED_DATA by tools/make_real_sample.py
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    """The read-only real data folder `../shared/data` beside the checkout."""
+def real_sample() -> Path:
+    """The small real-data sample committed in tests/data/garden (README and licence there)."""
+    return REAL_SAMPLE
+
+
+@pytest.fixture(params=["sample", "full"])
+def garden_points(request) -> tuple[Path, float]:
+    """(npz path, the share of pixels its points cover at a quarter of camera 0's size): the committed
+    8,000-point sample everywhere, and the full 138,766 points where `../shared/data` exists."""
+    if request.param == "sample":
+        return REAL_SAMPLE / "garden_points.npz", 0.25
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is not present")
-    return SHARED_DATA
+        pytest.skip(f"real data folder {SHARED_DATA} is not present (the committed sample ran)")
+    return SHARED_DATA / "test_garden.npz", 0.5
 
 
 @pytest.fixture(scope="module")

@@ -322,31 +322,32 @@ def _pool(img, mask, k=3):
     return s / np.maximum(c, 1)[..., None], c > 0
 
 
-def test_garden_render_matches_point_projection(shared_data):
+def test_garden_render_matches_point_projection(garden_points):
     from gendistill.core.render import rasterize
     from gendistill.core.cameras import Cameras
 
-    with np.load(shared_data / "test_garden.npz") as z:
+    path, min_cover = garden_points
+    with np.load(path) as z:
         pts, cols = z["means3d"], z["colors"]
         cams = Cameras(torch.from_numpy(z["viewmats"]).float(), torch.from_numpy(z["Ks"]).float(),
                        int(z["width"]), int(z["height"]))
     small = cams[0].scaled(0.25)
     assert (small.width, small.height) == (162, 105)
-    scene = GaussianScene.from_points(pts, cols, sh_degree=0)  # all 138,766 points, 3DGS init, opacity 0.1
+    scene = GaussianScene.from_points(pts, cols, sh_degree=0)  # 3DGS init, opacity 0.1
     img, alpha, _ = rasterize(**scene.render_args(), viewmats=small.viewmats, Ks=small.Ks,
                               width=small.width, height=small.height)  # auto: the compiled cpu backend
     assert img.shape == (1, 105, 162, 3) and alpha.mean() > 0.5
     img = img[0].numpy()
     ref, cov = _zbuffer_points(pts, cols.astype(np.float32) / 255, small.viewmats[0].numpy(),
                                small.Ks[0].numpy(), small.width, small.height)
-    assert cov.mean() > 0.5
+    assert cov.mean() > min_cover
     ref, cov = _pool(ref, cov)
 
     def corr(x):
         x, _ = _pool(np.ascontiguousarray(x), np.ones(x.shape[:2], bool))
         return float(np.corrcoef(x[cov].ravel(), ref[cov].ravel())[0, 1])
 
-    good = corr(img)  # about 0.73
+    good = corr(img)  # about 0.71 (sample), 0.73 (all points)
     assert good > 0.6, good
     assert corr(img[::-1]) < good - 0.3  # upside down (an OpenGL camera taken as OpenCV) fails
     assert corr(img[:, ::-1]) < good - 0.2  # mirrored fails

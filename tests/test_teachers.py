@@ -537,9 +537,9 @@ def test_too_few_frames_is_an_error():
 
 
 # -- real data ------------------------------------------------------------------------------------------
-def test_real_video_through_full_preprocessing(shared_data, tmp_path):
+def test_real_video_through_full_preprocessing(real_sample, tmp_path):
     import imageio.v2 as imageio
-    reader = imageio.get_reader(shared_data / "garden_render_480p.mp4", "ffmpeg")
+    reader = imageio.get_reader(real_sample / "garden_9frames.mp4", "ffmpeg")  # real H.264 frames
     frames = np.stack([f for _, f in zip(range(9), reader)])  # [9, 324, 640, 3] uint8
     reader.close()
     video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 255  # [1, 9, 3, 324, 640]
