@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,16 @@ def garden_points(request) -> tuple[Path, float]:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is not present (the committed sample ran)")
     return SHARED_DATA / "test_garden.npz", 0.5
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a free local TCP port (for a torchrun rendezvous)."""
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return port
 
 
 @pytest.fixture(scope="module")

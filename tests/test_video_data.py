@@ -1,5 +1,6 @@
 """Training clips (discovery, decoding, bad input, resumable batches, cache keys) and `gendistill generate`."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ from gendistill.video_distill.data import (
     ResumableBatchSampler,
     VideoClipDataset,
     clip_fingerprint,
+    file_digest,
+    file_digests,
     discover_clips,
     load_clip,
     resize_crop,
@@ -167,3 +170,24 @@ def test_generate_bad_paths_are_clear(tiny_pipeline_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_pipeline_dir), "--lora", str(tmp_path / "nolora"),
                  "--prompts", str(prompts), "--out", str(tmp_path)]) == 2
     assert "LoRA weights" in capsys.readouterr().err
+
+
+def test_file_digests_reuse_the_index_while_size_and_mtime_match(tmp_path, monkeypatch):
+    import gendistill.video_distill.data as data
+
+    files = [tmp_path / f"{i}.mp4" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * (100 + i))
+    index = tmp_path / "cache" / "file_digests.json"
+    expect = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert data.file_digests(files, index) == expect and index.is_file()
+
+    read = []
+    monkeypatch.setattr(data, "file_digest", lambda p: read.append(p) or file_digest(p))
+    assert data.file_digests(files, index) == expect and read == []  # a stat per file, no reading
+    files[1].write_bytes(b"new content")  # size and mtime change
+    expect[1] = hashlib.sha256(b"new content").hexdigest()
+    assert data.file_digests(files, index) == expect and read == [str(files[1])]
+    index.write_text("{not json")  # a damaged index is rebuilt, never trusted
+    assert data.file_digests(files, index) == expect and len(read) == 4
+    assert json.loads(index.read_text())[str(files[1])][2] == expect[1]

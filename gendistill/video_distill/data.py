@@ -49,6 +49,7 @@ __all__ = [
     "ResumableBatchSampler",
     "collate_clips",
     "file_digest",
+    "file_digests",
     "model_identity",
     "clip_fingerprint",
     "FeatureCache",
@@ -303,6 +304,36 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digests(paths: Sequence[str | os.PathLike], index: str | os.PathLike | None = None) -> list[str]:
+    """`file_digest` of each path, reusing the digests recorded in `index` when size and mtime still match.
+
+    `index` is a JSON file {absolute path: [size, mtime_ns, sha256]}; it is rewritten (atomically) when
+    an entry was added or changed. Starting a run again over the same clips then costs a stat per
+    file instead of reading every video. A file whose content changed in place, keeping its size and
+    its mtime to the nanosecond, is not noticed.
+    """
+    index = Path(index) if index is not None else None
+    known: dict = {}
+    if index is not None and index.is_file():
+        try:
+            known = json.loads(index.read_text())
+        except (OSError, ValueError) as err:  # unreadable: rebuilt from the files
+            logger.warning("ignoring the file digest index %s: %s", index, err)
+    out, changed = [], False
+    for p in paths:
+        key = os.path.abspath(p)
+        st = os.stat(key)
+        entry = known.get(key)
+        if not (isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]):
+            entry = known[key] = [st.st_size, st.st_mtime_ns, file_digest(key)]
+            changed = True
+        out.append(entry[2])
+    if changed and index is not None:
+        with atomic_path(index) as tmp:
+            tmp.write_text(json.dumps(known))
+    return out
 
 
 def model_identity(source: str | os.PathLike, subfolders: Sequence[str] = ()) -> str:

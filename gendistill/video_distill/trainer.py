@@ -43,6 +43,7 @@ from gendistill.core.align import GridAligner, Projector, grid_to_tokens, repa_l
 from gendistill.core.architectures import is_random, random_model, standin_tokenizer
 from gendistill.core.io import atomic_path
 from gendistill.video_distill.checkpoints import CheckpointMixin
+from gendistill.video_distill.distributed import agreed, check_shared_folders
 from gendistill.video_distill.export import ExportMixin
 from gendistill.video_distill.finetune_config import FinetuneConfig, check_config
 from gendistill.video_distill.student import (
@@ -117,6 +118,10 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         self.problems: list[str] = []
         self._distributed_kind = acc.distributed_type.name if hasattr(acc.distributed_type, "name") else str(acc.distributed_type)
 
+        shared = [self.out] + [Path(p) for p in (cfg.data.cache_dir,) if p and data and cfg.data.cache]
+        if cfg.model.tiny:
+            shared.append(Path(cfg.model.pretrained).parent)
+        check_shared_folders(acc, shared)  # several machines: these must be on a filesystem all of them see
         self._ensure_tiny_models()
         if data:  # the clips are found (or the path refused) before any model loads
             from gendistill.video_distill.data import discover_clips
@@ -219,12 +224,18 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
 
     def _precompute(self, clips):
         """Fill the feature cache for `clips` (split across processes); return (clips, keys) that are cached."""
-        from gendistill.video_distill.data import FeatureCache, clip_fingerprint, load_clip
+        from accelerate.utils import broadcast_object_list
+
+        from gendistill.video_distill.data import FeatureCache, clip_fingerprint, file_digests, load_clip
 
         cfg, acc = self.cfg, self.accelerator
         cache = FeatureCache(cfg.data.cache_dir or self.out / "cache")
-        settings = self._cache_settings()
-        keys = [clip_fingerprint(c, settings) for c in clips]
+        keys = None
+        if acc.is_main_process:  # one process reads the videos (or the digest index), all get the keys
+            settings = self._cache_settings()
+            digests = file_digests([c.video for c in clips], cache.folder / "file_digests.json")
+            keys = [clip_fingerprint(c, settings, d) for c, d in zip(clips, digests)]
+        keys = broadcast_object_list([keys])[0]
         todo = [i for i, k in enumerate(keys) if k not in cache]
         with acc.split_between_processes(todo) as mine:
             for i in tqdm(mine, desc="precompute", unit="clip", disable=not acc.is_local_main_process):
@@ -383,12 +394,9 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
 
         if is_fake(loss):  # `gendistill plan`: no values
             return False
-        bad = torch.tensor(float(not bool(torch.isfinite(loss.detach()).all())
-                                 or any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
-                                        for p in self.params)), device=self.device)
-        if self.world > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        skip = bool(bad > 0)
+        finite = [torch.isfinite(loss.detach()).all()]
+        finite += [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
+        skip = agreed(self.accelerator, not bool(torch.stack(finite).all()))  # one device sync
         self.nonfinite_steps += int(skip)
         self._nonfinite_run = self._nonfinite_run + 1 if skip else 0
         if self._nonfinite_run >= self.cfg.max_nonfinite_steps:
@@ -453,7 +461,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
                 self.save_checkpoint()
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
-            if self._agreed(preempted.raised):
+            if agreed(self.accelerator, preempted.raised):
                 if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save_checkpoint()
                 if acc.is_main_process:
@@ -481,12 +489,6 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             print(f"finetune done: step {self.step}; " + ", ".join(where or [f"log in {self.out / 'logs'}/"]))
         return {"step": self.step, "history": history, "seconds": elapsed, "export": export,
                 "skipped": skipped, "problems": list(self.problems), "interrupted": False}
-
-    def _agreed(self, flag: bool) -> bool:
-        """`flag` on any rank (every rank gets the same answer)."""
-        if self.world == 1:
-            return flag
-        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="sum") > 0)
 
 
 class _Flag:
