@@ -1,15 +1,7 @@
-"""GaussianScene: raw 3D Gaussian-splat parameters, and INRIA 3DGS PLY reading and writing.
+"""GaussianScene: raw 3D Gaussian-splat parameters; files of every format through `load` and `save`.
 
-The PLY layout is the one of the INRIA code (`GaussianModel.save_ply`): one `vertex` element,
-binary little-endian float32 properties in the order
-
-    x y z nx ny nz f_dc_0 f_dc_1 f_dc_2 f_rest_0 .. f_rest_{3(K-1)-1} opacity scale_0..2 rot_0..3
-
-with `f_rest_*` channel-major (all higher-order coefficients of R, then of G, then of B),
-`opacity` a logit, `scale_*` logs, `rot_*` a raw wxyz quaternion. RoMaP's label field
-(`obj_dc_*`, `obj_rest_*`, same layout, its own degree) and `certainty` follow, then any other
-per-vertex property (`extras`, e.g. the demo scene's integer `part`). Header comments are kept
-(`comments`); comments of the form `key: value` read back as `metadata()`.
+The parameters are the raw (pre-activation) ones of the INRIA 3DGS PLY, the layout every tool
+shares (`gendistill.core.formats.ply`); the other formats are in `gendistill.core.formats`.
 """
 
 from __future__ import annotations
@@ -23,9 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from plyfile import PlyData, PlyElement
 
-from gendistill.core.io import atomic_path
 from gendistill.core.render.sh import num_sh_bases, rgb_to_sh, sh_degree_from_bases, sh_to_rgb
 
 __all__ = ["GaussianScene", "SceneFormatError"]
@@ -35,17 +25,10 @@ _REQUIRED = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
 _NORMALS = ["nx", "ny", "nz"]
 # INRIA's loader collects properties by these prefixes, so no extra may start with them
 _RESERVED_PREFIXES = ("f_dc_", "f_rest_", "scale_", "rot_", "obj_dc_", "obj_rest_")
-_REST_COUNTS = {0: 0, 9: 1, 24: 2, 45: 3}  # number of f_rest_* -> SH degree
-# numpy dtype kind+size -> PLY type written for extras; int64/uint64 are narrowed (range-checked)
-_EXTRA_DTYPES = {"u1": "u1", "i1": "i1", "u2": "u2", "i2": "i2", "u4": "u4", "i4": "i4",
-                 "i8": "i4", "u8": "u4", "b1": "u1", "f2": "f4", "f4": "f4", "f8": "f8"}
-# numpy dtype read from a file -> torch dtype (torch lacks wide unsigned ints: widen)
-_TORCH_FROM_NP = {"u1": torch.uint8, "i1": torch.int8, "u2": torch.int32, "i2": torch.int16,
-                  "u4": torch.int64, "i4": torch.int32, "f4": torch.float32, "f8": torch.float64}
 
 
 class SceneFormatError(ValueError):
-    """A PLY file that is not a readable 3DGS scene; the message names the file and the problem."""
+    """A file that is not a readable scene; the message names the file and the problem."""
 
 
 @dataclass
@@ -295,158 +278,35 @@ class GaussianScene:
         return GaussianScene(means=pts.clone(), quats=quats, log_scales=log_scale[:, None].repeat(1, 3),
                              opacity_logits=torch.full((n,), logit), sh=sh)
 
-    # ------------------------------------------------------------------ PLY
+    # ------------------------------------------------------------------ files
+    @staticmethod
+    def load(path: str | os.PathLike, fmt: str | None = None) -> "GaussianScene":
+        """Read a scene file of any supported format, found from the file itself (or named by `fmt`).
+
+        Formats: INRIA PLY, compressed PLY (SuperSplat / PlayCanvas), `.splat`, `.spz`, gsplat
+        checkpoints (`gendistill.core.formats.SCENE_FORMATS`). What a format could not hold
+        exactly (quantisation, SH orders it lacks) is logged as a warning naming the file.
+        """
+        from gendistill.core.formats import read_scene
+
+        return read_scene(path, fmt)[0]
+
+    def save(self, path: str | os.PathLike, fmt: str | None = None) -> Path:
+        """Write the scene in the format named by `fmt` or by the path's suffix, atomically."""
+        from gendistill.core.formats import write_scene
+
+        write_scene(self, path, fmt)
+        return Path(path)
+
     @staticmethod
     def load_ply(path: str | os.PathLike) -> "GaussianScene":
-        """Read an INRIA 3DGS PLY (binary or ASCII; written by INRIA's code, gsplat, SuperSplat, RoMaP).
+        """Read an INRIA 3DGS PLY (`gendistill.core.formats.ply.read_ply`)."""
+        from gendistill.core.formats.ply import read_ply
 
-        Raises `SceneFormatError` naming the file and the problem: not a PLY, truncated, no
-        `vertex` element, a missing required property, an f_rest_* count other than 0/9/24/45,
-        NaN or Inf values.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such scene file")
-        try:
-            ply = PlyData.read(str(path))
-        except Exception as e:  # plyfile raises several types for header / body problems
-            msg = str(e)
-            if "expected 'ply'" in msg:
-                problem = "not a PLY file (it does not start with 'ply')"
-            elif "end-of-file" in msg and type(e).__name__ == "PlyElementParseError":
-                problem = f"truncated file ({msg})"
-            else:
-                problem = f"unreadable PLY ({type(e).__name__}: {msg})"
-            raise SceneFormatError(f"{path}: {problem}") from None
-        if "vertex" not in ply:
-            names = [el.name for el in ply.elements]
-            raise SceneFormatError(f"{path}: no 'vertex' element (elements: {names})")
-        data = ply["vertex"].data
-        present = list(data.dtype.names or ())
-        if "packed_position" in present or "chunk" in ply:
-            raise SceneFormatError(f"{path}: a compressed (SuperSplat / PlayCanvas) PLY; export it uncompressed")
-        for name in _REQUIRED:
-            if name not in present:
-                raise SceneFormatError(f"{path}: required vertex property '{name}' is missing "
-                                       f"(found: {' '.join(present)})")
-        n = len(data)
-
-        def numbered(prefix: str) -> list[str]:
-            found = sorted((int(m.group(1)), p) for p in present if (m := re.fullmatch(prefix + r"_(\d+)", p)))
-            idx = [i for i, _ in found]
-            if idx != list(range(len(idx))):
-                raise SceneFormatError(f"{path}: properties {prefix}_* are not numbered 0..{len(idx) - 1} ({idx})")
-            return [p for _, p in found]
-
-        def floats(names: list[str]) -> np.ndarray:
-            out = np.empty((n, len(names)), dtype=np.float32)
-            for j, name in enumerate(names):
-                col = np.asarray(data[name])
-                if col.dtype.kind not in "fiu":
-                    raise SceneFormatError(f"{path}: property '{name}' has non-numeric type {col.dtype}")
-                out[:, j] = col
-                if not np.isfinite(out[:, j]).all():
-                    bad = int((~np.isfinite(out[:, j])).sum())
-                    raise SceneFormatError(f"{path}: property '{name}' has {bad} NaN/Inf value(s)")
-            return out
-
-        def sh_block(dc_prefix: str, rest_prefix: str) -> torch.Tensor:
-            rest = numbered(rest_prefix)
-            if len(rest) not in _REST_COUNTS:
-                raise SceneFormatError(f"{path}: {len(rest)} {rest_prefix}_* properties; an SH degree 0-3 "
-                                       f"layout has 0, 9, 24 or 45")
-            k = len(rest) // 3 + 1
-            dc = floats([f"{dc_prefix}_{i}" for i in range(3)])  # [N, 3]
-            r = floats(rest).reshape(n, 3, k - 1).transpose(0, 2, 1)  # channel-major -> [N, K-1, 3]
-            return torch.from_numpy(np.ascontiguousarray(np.concatenate([dc[:, None], r], axis=1)))
-
-        known = set(_REQUIRED) | set(_NORMALS)
-        means = torch.from_numpy(floats(["x", "y", "z"]))
-        sh = sh_block("f_dc", "f_rest")
-        known |= {p for p in present if p.startswith("f_rest_")}
-        label_sh = None
-        if any(p.startswith("obj_dc_") or p.startswith("obj_rest_") for p in present):
-            for name in ("obj_dc_0", "obj_dc_1", "obj_dc_2"):
-                if name not in present:
-                    raise SceneFormatError(f"{path}: label field property '{name}' is missing")
-            label_sh = sh_block("obj_dc", "obj_rest")
-            known |= {p for p in present if p.startswith("obj_dc_") or p.startswith("obj_rest_")}
-        certainty = None
-        if "certainty" in present:
-            certainty = torch.from_numpy(floats(["certainty"])[:, 0].copy())
-            known.add("certainty")
-        extras = {}
-        for name in present:
-            if name in known:
-                continue
-            if name.startswith(_RESERVED_PREFIXES) or name == "certainty":
-                raise SceneFormatError(f"{path}: unexpected property '{name}' (not part of the 3DGS layout)")
-            col = np.asarray(data[name])
-            if col.dtype.kind not in "fiu":
-                raise SceneFormatError(f"{path}: property '{name}' is a list or non-numeric ({col.dtype}); "
-                                       "only scalar per-vertex properties are supported")
-            key = col.dtype.kind + str(col.dtype.itemsize)
-            t = torch.from_numpy(np.ascontiguousarray(col.astype(col.dtype.newbyteorder("="))))
-            extras[name] = t.to(_TORCH_FROM_NP.get(key, torch.float32))
-        return GaussianScene(
-            means=means,
-            quats=torch.from_numpy(floats([f"rot_{i}" for i in range(4)])),
-            log_scales=torch.from_numpy(floats([f"scale_{i}" for i in range(3)])),
-            opacity_logits=torch.from_numpy(floats(["opacity"])[:, 0].copy()),
-            sh=sh, label_sh=label_sh, certainty=certainty, extras=extras,
-            comments=list(ply.comments),
-        )
+        return read_ply(path)
 
     def save_ply(self, path: str | os.PathLike) -> Path:
-        """Write INRIA 3DGS binary little-endian PLY, atomically; returns the path.
+        """Write INRIA 3DGS binary little-endian PLY, atomically (`gendistill.core.formats.ply.write_ply`)."""
+        from gendistill.core.formats.ply import write_ply
 
-        Normals are written as zeros. Label SH, certainty and extras follow the INRIA properties.
-        NaN / inf values are refused (ValueError naming the properties) before anything is written.
-        """
-        path = Path(path)
-        n = len(self)
-
-        def np32(t: torch.Tensor) -> np.ndarray:
-            return t.detach().to("cpu", torch.float32).numpy().reshape(n, -1)
-
-        def rest_cols(sh: torch.Tensor) -> np.ndarray:  # [N, K, 3] -> channel-major [N, 3(K-1)]
-            return np32(sh[:, 1:].transpose(1, 2))
-
-        columns: list[tuple[str, np.ndarray]] = []
-        add = lambda names, arr: columns.extend(zip(names, arr.T))  # noqa: E731
-        add(["x", "y", "z"], np32(self.means))
-        add(_NORMALS, np.zeros((n, 3), np.float32))
-        add([f"f_dc_{i}" for i in range(3)], np32(self.sh[:, 0]))
-        add([f"f_rest_{i}" for i in range(3 * (self.sh.shape[1] - 1))], rest_cols(self.sh))
-        add(["opacity"], np32(self.opacity_logits))
-        add([f"scale_{i}" for i in range(3)], np32(self.log_scales))
-        add([f"rot_{i}" for i in range(4)], np32(self.quats))
-        if self.label_sh is not None:
-            add([f"obj_dc_{i}" for i in range(3)], np32(self.label_sh[:, 0]))
-            add([f"obj_rest_{i}" for i in range(3 * (self.label_sh.shape[1] - 1))], rest_cols(self.label_sh))
-        if self.certainty is not None:
-            add(["certainty"], np32(self.certainty))
-        taken = {name for name, _ in columns}
-        for key, t in self.extras.items():
-            if key in taken:
-                raise ValueError(f"extra property {key!r} clashes with a 3DGS property")
-            arr = t.detach().cpu().numpy()
-            kind = arr.dtype.kind + str(arr.dtype.itemsize)
-            target = np.dtype(_EXTRA_DTYPES.get(kind, "f4"))
-            if target.kind in "iu" and arr.size:
-                info = np.iinfo(target)
-                if arr.min() < info.min or arr.max() > info.max:
-                    raise ValueError(f"extra property {key!r} has values outside the range of PLY type {target}")
-            columns.append((key, arr.astype(target)))
-        bad = {name: int((~np.isfinite(col)).sum()) for name, col in columns if col.dtype.kind == "f"}
-        bad = {name: count for name, count in bad.items() if count}
-        if bad:  # load_ply refuses them: never write a file our own reader rejects
-            raise ValueError(f"{path}: not written, NaN/inf values in " + ", ".join(f"{k} ({v})" for k, v in bad.items()))
-        data = np.empty(n, dtype=[(name, col.dtype.newbyteorder("<")) for name, col in columns])
-        for name, col in columns:
-            data[name] = col
-        el = PlyElement.describe(data, "vertex")
-        ply = PlyData([el], text=False, byte_order="<", comments=list(self.comments))
-        with atomic_path(path) as tmp:
-            ply.write(str(tmp))
-        return path
+        return write_ply(self, path)
