@@ -144,7 +144,7 @@ def test_bad_json_and_colmap(tmp_path):
     with pytest.raises(CameraFormatError, match=r"cameras.txt: line 2: PINHOLE takes 4 parameters, got 3"):
         load_colmap(model)
     (model / "cameras.txt").write_text("1 FISHEYE_X 100 80 1 2 3\n")
-    with pytest.raises(CameraFormatError, match="line 1: unsupported camera model 'FISHEYE_X'"):
+    with pytest.raises(CameraFormatError, match="line 1: unknown camera model 'FISHEYE_X'"):
         load_colmap(model)
     (model / "cameras.txt").write_text("1 PINHOLE 100 80 100 100 50 40\n")
     (model / "images.txt").write_text(good_images.replace(" 1 f1.png", " 1"))
@@ -153,7 +153,7 @@ def test_bad_json_and_colmap(tmp_path):
     (model / "images.txt").write_text(good_images.replace(" 1 f1.png", " 2 f1.png"))
     with pytest.raises(CameraFormatError, match="line 3: camera 2 is not in"):
         load_colmap(model)
-    with pytest.raises(CameraFormatError, match="no COLMAP text model"):
+    with pytest.raises(CameraFormatError, match="no COLMAP model"):
         load_colmap(tmp_path / "sparse")
     with pytest.raises(FileNotFoundError):
         load_cameras(tmp_path / "missing")

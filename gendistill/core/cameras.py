@@ -10,10 +10,8 @@ Conventions:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,9 +21,6 @@ import torch
 
 __all__ = ["Cameras", "CameraFormatError", "look_at", "intrinsics_from_fov", "orbit_path", "spiral_path",
            "load_transforms_json", "load_colmap", "load_cameras", "ring_basis"]
-
-# OpenGL / NeRF camera axes (+y up, +z backward) <-> OpenCV (+y down, +z forward)
-_GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
 
 
 class CameraFormatError(ValueError):
@@ -233,239 +228,45 @@ def spiral_path(center: Sequence[float] | torch.Tensor, radius: float, n: int, *
 
 
 # ---------------------------------------------------------------------- readers
-def _image_size(path: Path) -> tuple[int, int]:
-    import imageio.v3 as iio
+def load_transforms_json(path: str | os.PathLike, dataparser: str | os.PathLike | bool | None = None) -> "Cameras":
+    """A NeRF / instant-ngp / nerfstudio transforms.json (`gendistill.core.formats.transforms`)."""
+    from gendistill.core.formats.transforms import load_transforms_json as read
 
-    props = iio.improps(path)
-    h, w = props.shape[:2]
-    return int(w), int(h)
-
-
-def _resolve_image(root: Path, file_path: str) -> Path:
-    p = (root / file_path).resolve() if not os.path.isabs(file_path) else Path(file_path)
-    if not p.suffix and not p.exists():
-        for ext in (".png", ".jpg", ".jpeg", ".JPG", ".PNG"):
-            if p.with_suffix(ext).exists():
-                return p.with_suffix(ext)
-    return p
+    return read(path, dataparser)
 
 
-def load_transforms_json(path: str | os.PathLike) -> Cameras:
-    """Read a NeRF / instant-ngp / nerfstudio `transforms.json` (a file, or a folder holding one).
+def load_colmap(path: str | os.PathLike) -> "Cameras":
+    """A COLMAP model, binary or text (`gendistill.core.formats.colmap`)."""
+    from gendistill.core.formats.colmap import load_colmap as read
 
-    Each frame's `transform_matrix` is an OpenGL camera-to-world ([3, 4] or [4, 4]); intrinsics
-    `fl_x`/`fl_y`/`cx`/`cy` or `camera_angle_x` (/`camera_angle_y`), `w`/`h`, taken from the frame or
-    the top level (frame wins); without `w`/`h` the first image's size is read. Distortion
-    coefficients are ignored with a warning. `file_path` values become `names`.
+    return read(path)
+
+
+def load_cameras(path: str | os.PathLike, dataparser: str | os.PathLike | bool | None = None) -> "Cameras":
+    """Read cameras from whatever `path` is, found from its name and content:
+
+    - a `transforms.json` (NeRF, instant-ngp, nerfstudio; `dataparser_transforms.json` beside it,
+      or named by `dataparser`, is applied), or a folder holding one;
+    - a COLMAP model, binary or text: its folder, a scene folder with `sparse/0`, or one of its files;
+    - the `cameras.json` INRIA 3DGS training writes (a JSON list), or a folder holding one;
+    - an `.npz` with `viewmats` [C,4,4] (OpenCV world-to-camera), `Ks` [C,3,3], `width`, `height`.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "transforms.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such transforms file")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CameraFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise CameraFormatError(f"{path}: top level is not a JSON object")
-    frames = meta.get("frames")
-    if not isinstance(frames, list) or not frames:
-        raise CameraFormatError(f"{path}: no 'frames' (a non-empty list is required)")
-    root = path.parent
-    viewmats, ks, names, images, sizes = [], [], [], [], []
-    distorted, first_size = False, None
-    for i, fr in enumerate(frames):
-        where = f"{path}: frame {i}"
-        if not isinstance(fr, dict):
-            raise CameraFormatError(f"{where} is not an object")
-        get = lambda key: fr.get(key, meta.get(key))  # noqa: E731
-        if "transform_matrix" not in fr:
-            raise CameraFormatError(f"{where}: missing key 'transform_matrix'")
-        try:
-            m = np.asarray(fr["transform_matrix"], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise CameraFormatError(f"{where}: 'transform_matrix' is not a numeric matrix") from None
-        if m.shape not in ((4, 4), (3, 4)) or not np.isfinite(m).all():
-            raise CameraFormatError(f"{where}: 'transform_matrix' must be a finite 4x4 or 3x4 matrix, "
-                                    f"got shape {m.shape}")
-        c2w = np.eye(4)
-        c2w[:3] = m[:3]
-        file_path = fr.get("file_path")
-        image = _resolve_image(root, str(file_path)) if file_path is not None else None
-        w, h = get("w"), get("h")
-        if w is None or h is None:
-            if first_size is None:  # the first image's size stands for all frames without w / h
-                if image is None or not image.is_file():
-                    raise CameraFormatError(f"{where}: no 'w'/'h' and no readable image to take the size from "
-                                            f"({image if image is not None else 'no file_path'})")
-                first_size = _image_size(image)
-            w, h = first_size
-        w, h = int(w), int(h)
-        fx, fy = get("fl_x"), get("fl_y")
-        if fx is None:
-            ax = get("camera_angle_x")
-            if ax is None:
-                raise CameraFormatError(f"{where}: missing intrinsics: need 'fl_x' or 'camera_angle_x'")
-            fx = 0.5 * w / math.tan(0.5 * float(ax))
-        if fy is None:
-            ay = get("camera_angle_y")
-            fy = 0.5 * h / math.tan(0.5 * float(ay)) if ay is not None else fx
-        cx, cy = get("cx"), get("cy")
-        cx = w / 2 if cx is None else cx
-        cy = h / 2 if cy is None else cy
-        try:
-            k = [[float(fx), 0.0, float(cx)], [0.0, float(fy), float(cy)], [0.0, 0.0, 1.0]]
-        except (TypeError, ValueError):
-            raise CameraFormatError(f"{where}: intrinsics are not numbers") from None
-        distorted |= any(float(get(key) or 0.0) != 0.0 for key in ("k1", "k2", "k3", "k4", "p1", "p2"))
-        viewmats.append(np.linalg.inv(c2w @ _GL_TO_CV.numpy()))
-        ks.append(k)
-        names.append(str(file_path) if file_path is not None else f"frame_{i:05d}")
-        images.append(image)
-        sizes.append((w, h))
-    if len(set(sizes)) > 1:
-        raise CameraFormatError(f"{path}: frames have different image sizes {sorted(set(sizes))}; "
-                                "a Cameras batch has one size")
-    if distorted:
-        warnings.warn(f"{path}: lens distortion coefficients are ignored (pinhole model)", stacklevel=2)
-    w, h = sizes[0]
-    return Cameras(torch.tensor(np.stack(viewmats), dtype=torch.float32), torch.tensor(ks, dtype=torch.float32),
-                   w, h, names=names, image_paths=images)
+    from gendistill.core.formats.transforms import load_inria_cameras
 
-
-# COLMAP camera models: name -> (number of params, index of fx, fy, cx, cy; fy == fx when shared)
-_COLMAP_MODELS = {
-    "SIMPLE_PINHOLE": (3, (0, 0, 1, 2)),
-    "PINHOLE": (4, (0, 1, 2, 3)),
-    "SIMPLE_RADIAL": (4, (0, 0, 1, 2)),
-    "RADIAL": (5, (0, 0, 1, 2)),
-    "OPENCV": (8, (0, 1, 2, 3)),
-}
-
-
-def _colmap_lines(path: Path):
-    """(line number, stripped line) of a COLMAP text file, comments and blank lines kept out."""
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        s = line.strip()
-        if s and not s.startswith("#"):
-            yield i, s
-
-
-def _colmap_lines_keep_blank(path: Path):
-    """(line number, stripped line), blank lines included (an image's POINTS2D line may be empty)."""
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        yield i, line.strip()
-
-
-def _quat_to_rotmat(q: np.ndarray) -> np.ndarray:
-    w, x, y, z = q / np.linalg.norm(q)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def _find_colmap_dir(path: Path) -> Path:
-    for cand in (path, path / "sparse" / "0", path / "sparse", path / "colmap" / "sparse" / "0"):
-        if (cand / "cameras.txt").is_file() and (cand / "images.txt").is_file():
-            return cand
-        if (cand / "cameras.bin").is_file():
-            raise CameraFormatError(f"{cand}: only a binary COLMAP model (cameras.bin) was found; convert it "
-                                    "with `colmap model_converter --output_type TXT`")
-    raise CameraFormatError(f"{path}: no COLMAP text model (cameras.txt and images.txt) here or in sparse/0")
-
-
-def load_colmap(path: str | os.PathLike) -> Cameras:
-    """Read a COLMAP text model: a folder with `cameras.txt` and `images.txt` (or its `sparse/0`).
-
-    Camera models SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV; distortion is ignored
-    with a warning. Image poses (qvec, tvec) are world-to-camera, already OpenCV. Images are
-    sorted by name; `image_paths` point into `images/` beside the model's scene folder when found.
-    """
-    model = _find_colmap_dir(Path(path))
-    cam_file, img_file = model / "cameras.txt", model / "images.txt"
-    cams: dict[int, tuple[int, int, np.ndarray]] = {}
-    distorted = False
-    for ln, s in _colmap_lines(cam_file):
-        tok = s.split()
-        where = f"{cam_file}: line {ln}"
-        if len(tok) < 4:
-            raise CameraFormatError(f"{where}: expected 'CAMERA_ID MODEL WIDTH HEIGHT PARAMS...', got {s!r}")
-        model_name = tok[1]
-        if model_name not in _COLMAP_MODELS:
-            raise CameraFormatError(f"{where}: unsupported camera model {model_name!r} "
-                                    f"(supported: {', '.join(_COLMAP_MODELS)})")
-        n_params, (ifx, ify, icx, icy) = _COLMAP_MODELS[model_name]
-        try:
-            cam_id, w, h = int(tok[0]), int(tok[2]), int(tok[3])
-            params = [float(v) for v in tok[4:]]
-        except ValueError:
-            raise CameraFormatError(f"{where}: non-numeric value in {s!r}") from None
-        if len(params) != n_params:
-            raise CameraFormatError(f"{where}: {model_name} takes {n_params} parameters, got {len(params)}")
-        distorted |= any(v != 0.0 for v in params[max(ifx, ify, icx, icy) + 1:])
-        k = np.array([[params[ifx], 0, params[icx]], [0, params[ify], params[icy]], [0, 0, 1]], dtype=np.float64)
-        cams[cam_id] = (w, h, k)
-    if not cams:
-        raise CameraFormatError(f"{cam_file}: no cameras")
-    entries = []
-    lines = iter(_colmap_lines_keep_blank(img_file))
-    for ln, s in lines:
-        if not s or s.startswith("#"):
-            continue
-        where = f"{img_file}: line {ln}"
-        tok = s.split(maxsplit=9)
-        if len(tok) < 10:
-            raise CameraFormatError(f"{where}: expected 'IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME', got {s!r}")
-        try:
-            q = np.array([float(v) for v in tok[1:5]])
-            t = np.array([float(v) for v in tok[5:8]])
-            cam_id = int(tok[8])
-        except ValueError:
-            raise CameraFormatError(f"{where}: non-numeric value in {s!r}") from None
-        if cam_id not in cams:
-            raise CameraFormatError(f"{where}: camera {cam_id} is not in {cam_file}")
-        if not np.isfinite(q).all() or not np.isfinite(t).all() or np.linalg.norm(q) == 0:
-            raise CameraFormatError(f"{where}: invalid pose")
-        next(lines, None)  # the POINTS2D line that follows every image line (may be blank)
-        vm = np.eye(4)
-        vm[:3, :3] = _quat_to_rotmat(q)
-        vm[:3, 3] = t
-        entries.append((tok[9], vm, cam_id))
-    if not entries:
-        raise CameraFormatError(f"{img_file}: no images")
-    entries.sort(key=lambda e: e[0])
-    sizes = {cams[c][:2] for _, _, c in entries}
-    if len(sizes) > 1:
-        raise CameraFormatError(f"{cam_file}: images use cameras of different sizes {sorted(sizes)}; "
-                                "a Cameras batch has one size")
-    if distorted:
-        warnings.warn(f"{cam_file}: lens distortion is ignored (pinhole model)", stacklevel=2)
-    w, h = sizes.pop()
-    image_dir = next((d for d in (model / "images", model.parent / "images", model.parent.parent / "images")
-                      if d.is_dir()), None)
-    paths = [(image_dir / name) if image_dir is not None else None for name, _, _ in entries]
-    return Cameras(torch.tensor(np.stack([vm for _, vm, _ in entries]), dtype=torch.float32),
-                   torch.tensor(np.stack([cams[c][2] for _, _, c in entries]), dtype=torch.float32),
-                   w, h, names=[name for name, _, _ in entries], image_paths=paths)
-
-
-def load_cameras(path: str | os.PathLike) -> Cameras:
-    """Read cameras from whatever `path` is: a transforms.json (or a folder with one), a COLMAP text
-    model folder (or a scene folder with sparse/0, or its cameras.txt / images.txt), or an .npz with
-    `viewmats` [C,4,4] (OpenCV world-to-camera), `Ks` [C,3,3], `width`, `height`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such camera file or folder")
     if path.is_dir():
         if (path / "transforms.json").is_file():
-            return load_transforms_json(path / "transforms.json")
+            return load_transforms_json(path / "transforms.json", dataparser)
+        if (path / "cameras.json").is_file() and not (path / "cameras.bin").is_file():
+            return load_inria_cameras(path / "cameras.json")
         return load_colmap(path)
     if path.suffix.lower() == ".json":
-        return load_transforms_json(path)
-    if path.name in ("cameras.txt", "images.txt"):
+        with open(path, "rb") as f:
+            first = f.read(64).lstrip()[:1]
+        return load_inria_cameras(path) if first == b"[" else load_transforms_json(path, dataparser)
+    if path.name in ("cameras.txt", "images.txt", "points3D.txt", "cameras.bin", "images.bin", "points3D.bin"):
         return load_colmap(path.parent)
     if path.suffix.lower() == ".npz":
         with np.load(path) as z:
@@ -474,4 +275,5 @@ def load_cameras(path: str | os.PathLike) -> Cameras:
                 raise CameraFormatError(f"{path}: missing key(s) {missing} (need viewmats, Ks, width, height)")
             return Cameras(torch.from_numpy(z["viewmats"]).float(), torch.from_numpy(z["Ks"]).float(),
                            int(z["width"]), int(z["height"]))
-    raise CameraFormatError(f"{path}: not a recognised camera file (transforms.json, COLMAP text model or .npz)")
+    raise CameraFormatError(f"{path}: not a recognised camera file (transforms.json, INRIA cameras.json, "
+                            "COLMAP model or .npz)")
