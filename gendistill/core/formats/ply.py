@@ -81,16 +81,28 @@ def read_ply(path: str | os.PathLike) -> GaussianScene:
             raise SceneFormatError(f"{path}: properties {prefix}_* are not numbered 0..{len(idx) - 1} ({idx})")
         return [p for _, p in found]
 
+    # The usual file is all float32: its rows, viewed as an [N, P] table (no copy; plyfile maps the
+    # file), give every block in one row-wise gather. Other files are read column by column.
+    column = {name: j for j, name in enumerate(present)}
+    all_f4 = all(data.dtype.fields[p][0] == np.dtype("<f4") for p in present)
+    table = np.asarray(data).view("<f4").reshape(n, len(present)) if all_f4 and n else None
+
     def floats(names: list[str]) -> np.ndarray:
-        out = np.empty((n, len(names)), dtype=np.float32)
-        for j, name in enumerate(names):
-            col = np.asarray(data[name])
-            if col.dtype.kind not in "fiu":
-                raise SceneFormatError(f"{path}: property '{name}' has non-numeric type {col.dtype}")
-            out[:, j] = col
-            if not np.isfinite(out[:, j]).all():
+        """[N, len(names)] float32, NaN / Inf refused naming the property."""
+        if table is not None:
+            out = table[:, [column[name] for name in names]]
+        else:
+            out = np.empty((n, len(names)), dtype=np.float32)
+            for j, name in enumerate(names):
+                col = np.asarray(data[name])
+                if col.dtype.kind not in "fiu":
+                    raise SceneFormatError(f"{path}: property '{name}' has non-numeric type {col.dtype}")
+                out[:, j] = col
+        if not np.isfinite(out.sum(axis=0, dtype=np.float64)).all():  # float64: finite floats never overflow
+            for j, name in enumerate(names):
                 bad = int((~np.isfinite(out[:, j])).sum())
-                raise SceneFormatError(f"{path}: property '{name}' has {bad} NaN/Inf value(s)")
+                if bad:
+                    raise SceneFormatError(f"{path}: property '{name}' has {bad} NaN/Inf value(s)")
         return out
 
     def sh_block(dc_prefix: str, rest_prefix: str) -> torch.Tensor:
@@ -99,9 +111,9 @@ def read_ply(path: str | os.PathLike) -> GaussianScene:
             raise SceneFormatError(f"{path}: {len(rest)} {rest_prefix}_* properties; an SH degree 0-3 "
                                    f"layout has 0, 9, 24 or 45")
         k = len(rest) // 3 + 1
-        dc = floats([f"{dc_prefix}_{i}" for i in range(3)])  # [N, 3]
-        r = floats(rest).reshape(n, 3, k - 1).transpose(0, 2, 1)  # channel-major -> [N, K-1, 3]
-        return torch.from_numpy(np.ascontiguousarray(np.concatenate([dc[:, None], r], axis=1)))
+        # channel-major rest (all R, then G, then B) gathered coefficient-major: [N, K * 3] -> [N, K, 3]
+        order = [f"{dc_prefix}_{c}" for c in range(3)] + [rest[c * (k - 1) + i] for i in range(k - 1) for c in range(3)]
+        return torch.from_numpy(floats(order).reshape(n, k, 3))
 
     known = set(_REQUIRED) | set(_NORMALS)
     means = torch.from_numpy(floats(["x", "y", "z"]))
@@ -156,8 +168,8 @@ def write_ply(scene: GaussianScene, path: str | os.PathLike) -> Path:
     def rest_cols(sh: torch.Tensor) -> np.ndarray:  # [N, K, 3] -> channel-major [N, 3(K-1)]
         return np32(sh[:, 1:].transpose(1, 2))
 
-    columns: list[tuple[str, np.ndarray]] = []
-    add = lambda names, arr: columns.extend(zip(names, arr.T))  # noqa: E731
+    blocks: list[tuple[list[str], np.ndarray]] = []  # (names, [N, len(names)] array)
+    add = lambda names, arr: blocks.append((names, arr))  # noqa: E731
     add(["x", "y", "z"], np32(scene.means))
     add(_NORMALS, np.zeros((n, 3), np.float32))
     add([f"f_dc_{i}" for i in range(3)], np32(scene.sh[:, 0]))
@@ -170,7 +182,7 @@ def write_ply(scene: GaussianScene, path: str | os.PathLike) -> Path:
         add([f"obj_rest_{i}" for i in range(3 * (scene.label_sh.shape[1] - 1))], rest_cols(scene.label_sh))
     if scene.certainty is not None:
         add(["certainty"], np32(scene.certainty))
-    taken = {name for name, _ in columns}
+    taken = {name for names, _ in blocks for name in names}
     for key, t in scene.extras.items():
         if key in taken:
             raise ValueError(f"extra property {key!r} clashes with a 3DGS property")
@@ -181,14 +193,20 @@ def write_ply(scene: GaussianScene, path: str | os.PathLike) -> Path:
             info = np.iinfo(target)
             if arr.min() < info.min or arr.max() > info.max:
                 raise ValueError(f"extra property {key!r} has values outside the range of PLY type {target}")
-        columns.append((key, arr.astype(target)))
-    bad = {name: int((~np.isfinite(col)).sum()) for name, col in columns if col.dtype.kind == "f"}
+        add([key], arr.astype(target).reshape(n, 1))
+    bad = {name: int((~np.isfinite(col)).sum()) for names, arr in blocks if arr.dtype.kind == "f"
+           and not np.isfinite(arr.sum(axis=0, dtype=np.float64)).all() for name, col in zip(names, arr.T)}
     bad = {name: count for name, count in bad.items() if count}
     if bad:  # load_ply refuses them: never write a file our own reader rejects
         raise ValueError(f"{path}: not written, NaN/inf values in " + ", ".join(f"{k} ({v})" for k, v in bad.items()))
-    data = np.empty(n, dtype=[(name, col.dtype.newbyteorder("<")) for name, col in columns])
-    for name, col in columns:
-        data[name] = col
+    dtype = np.dtype([(name, arr.dtype.newbyteorder("<")) for names, arr in blocks for name in names])
+    if all(arr.dtype == np.float32 for _, arr in blocks):  # the usual file: one [N, P] table, row-wise writes
+        data = np.concatenate([arr for _, arr in blocks], axis=1).astype("<f4", copy=False).view(dtype).reshape(n)
+    else:
+        data = np.empty(n, dtype=dtype)
+        for names, arr in blocks:
+            for name, col in zip(names, arr.T):
+                data[name] = col
     el = PlyElement.describe(data, "vertex")
     ply = PlyData([el], text=False, byte_order="<", comments=list(scene.comments))
     with atomic_path(path) as tmp:
