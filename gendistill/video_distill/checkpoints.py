@@ -1,6 +1,12 @@
 """Checkpoints of a `VideoREPATrainer` run: `checkpoint-<step>/` folders written atomically (accelerate
-state with only the trainable tensors, per-process trainer state), the last `checkpoint.keep` kept, and
-resuming from one (`resume_from_checkpoint`: a folder or "latest")."""
+state with only the trainable tensors, per-process trainer state, and last `trainer_state.json`, which
+lists every file's size), the last `checkpoint.keep` kept, and resuming from one (`resume_from_checkpoint`:
+a folder, or "latest": the newest complete one).
+
+A process killed at any moment leaves under `checkpoint-<step>` a whole checkpoint or nothing: folders
+are written as `.tmp-checkpoint-<step>` and renamed once fsynced, and deleted after a rename to a trash
+name. A folder damaged afterwards (a file missing or cut short, by a copy or a full disk) is never loaded:
+"latest" skips it for the previous complete one, and naming it is refused with what is wrong."""
 
 from __future__ import annotations
 
@@ -12,22 +18,59 @@ from pathlib import Path
 import torch
 
 from gendistill.config import to_yaml
-from gendistill.core.io import atomic_path
+from gendistill.core.io import atomic_path, clear_trash, remove_dir, replace_dir
 
-__all__ = ["CheckpointMixin", "drop_log_after"]
+__all__ = ["CheckpointMixin", "checkpoint_problem", "drop_log_after"]
 
 
 def drop_log_after(log: Path, step: int) -> int:
     """Remove the records of steps after `step` from a JSON-lines log (they are run again after a
-    resume, and would be logged twice); returns how many went. The log is rewritten atomically."""
+    resume, and would be logged twice), and a record cut short by a crash; returns how many lines
+    went. The log is rewritten atomically."""
     if not log.is_file():
         return 0
     lines = log.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line for line in lines if (s := _record_step(line)) is not None and s <= step]
     if len(keep) != len(lines):
         with atomic_path(log) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
     return len(lines) - len(keep)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one log line; None for a blank line or a record cut short."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What makes the folder `path` other than a complete checkpoint, or None when it is complete:
+    no trainer_state.json or one cut short, or a file it lists missing or not of the size written.
+    (Checkpoints written before the sizes were listed count as complete when trainer_state.json reads.)"""
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "trainer_state.json does not read (cut short?)"
+    if not isinstance(meta, dict) or not {"step", "num_processes"} <= meta.keys():
+        return "trainer_state.json lacks step / num_processes"
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _step_of(folder: Path) -> int | None:
+    name = folder.name
+    return int(name.split("-")[-1]) if name.startswith("checkpoint-") and name.split("-")[-1].isdigit() else None
 
 
 class CheckpointMixin:
@@ -38,13 +81,16 @@ class CheckpointMixin:
     def checkpoint_root(self) -> Path:
         return self.out / "checkpoints"
 
-    def list_checkpoints(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first."""
+    def _checkpoint_folders(self) -> list[Path]:
+        """Folders named checkpoint-<step>, complete or not, oldest first."""
         if not self.checkpoint_root.is_dir():
             return []
-        found = [p for p in self.checkpoint_root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-                 and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+        found = [p for p in self.checkpoint_root.iterdir() if p.is_dir() and _step_of(p) is not None]
+        return sorted(found, key=_step_of)
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders (`checkpoint_problem` finds nothing), oldest first."""
+        return [p for p in self._checkpoint_folders() if checkpoint_problem(p) is None]
 
     def _save_state_hook(self, models, weights, output_dir) -> None:
         # keep only the trainable tensors (LoRA: the adapters; sft: everything) in model.safetensors
@@ -72,12 +118,13 @@ class CheckpointMixin:
         models.clear()
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step> atomically (a temporary folder renamed once complete); keep the last K."""
+        """Write checkpoint-<step> atomically (a temporary folder, fsynced, renamed once complete); keep the last K."""
         acc = self.accelerator
-        final = self.checkpoint_root / f"checkpoint-{self.step}"
-        tmp = self.checkpoint_root / f".tmp-checkpoint-{self.step}"
+        root = self.checkpoint_root
+        final = root / f"checkpoint-{self.step}"
+        tmp = root / f".tmp-checkpoint-{self.step}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._clear_leftovers()
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
@@ -85,30 +132,57 @@ class CheckpointMixin:
                     "skipped": sorted(self.skipped)}, tmp / f"trainer_state_{self.rank}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": self.step, "position": self.position, "num_processes": self.world,
-                 "training_type": self.cfg.training_type}, indent=2))
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in self.list_checkpoints()[: -self.cfg.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / "trainer_state.json").write_text(json.dumps(  # written last: the folder is complete
+                {"step": self.step, "position": self.position, "num_processes": self.world,
+                 "training_type": self.cfg.training_type, "files": files}, indent=2))
+            replace_dir(tmp, final)
+            self._remove_old_checkpoints()
         acc.wait_for_everyone()
         return final
 
+    def _remove_old_checkpoints(self) -> None:
+        """Keep the newest `checkpoint.keep` complete checkpoints (main process)."""
+        for old in self.list_checkpoints()[: -self.cfg.checkpoint.keep]:
+            remove_dir(old)
+
+    def _clear_leftovers(self) -> None:
+        """Delete the temporary and half-deleted checkpoint folders of killed runs (main process, while
+        no process writes a checkpoint)."""
+        clear_trash(self.checkpoint_root, "checkpoint-")
+        for stale in self.checkpoint_root.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint; the incomplete ones after it are named and skipped."""
+        for path in reversed(self._checkpoint_folders()):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if self.accelerator.is_main_process:
+                print(f"resume_from_checkpoint=latest: skipping {path} ({problem})")
+        return None
+
     def _resume(self, which: str) -> None:
+        log = self.out / "logs" / "train_log.jsonl"
+        if self.accelerator.is_main_process:
+            self._clear_leftovers()
         if which == "latest":
-            found = self.list_checkpoints()
-            if not found:
+            path = self._latest_checkpoint()
+            if path is None:
                 if self.accelerator.is_main_process:
                     print(f"resume_from_checkpoint=latest: no checkpoint in {self.checkpoint_root}/, starting fresh")
+                    drop_log_after(log, 0)  # the records of a run stopped before its first checkpoint
                 return
-            path = found[-1]
+            if self.accelerator.is_main_process:
+                self._remove_old_checkpoints()  # a run killed between its newest checkpoint and this
         else:
             path = Path(which)
-            if not (path / "trainer_state.json").is_file():
-                raise FileNotFoundError(f"{path} is not a complete checkpoint folder (no trainer_state.json)")
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise FileNotFoundError(f"{path} is not a complete checkpoint folder ({problem}); resume from "
+                                        "another one, or with resume_from_checkpoint=latest (the newest complete one)")
         meta = json.loads((path / "trainer_state.json").read_text())
         if meta["num_processes"] != self.world:
             raise ValueError(f"checkpoint {path} was written by {meta['num_processes']} processes, this run has "
@@ -119,5 +193,5 @@ class CheckpointMixin:
         self.position, self.step = state["position"], state["step"]
         self.skipped.update(state.get("skipped", []))
         if self.accelerator.is_main_process:
-            drop_log_after(self.out / "logs" / "train_log.jsonl", self.step)
+            drop_log_after(log, self.step)
             print(f"resumed from {path} at step {self.step}")

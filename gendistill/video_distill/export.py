@@ -1,6 +1,7 @@
 """Validation videos and the export of a `VideoREPATrainer` run: `validation/step-N_prompt-K.mp4`, and
 `export/` with the LoRA weights (`pytorch_lora_weights.safetensors`) or `transformer/`, plus the align
-heads `projector/` and `aligner/` as diffusers models."""
+heads `projector/` and `aligner/` as diffusers models. Both are written atomically: a run killed at any
+moment leaves a video whole or absent, and the previous export, the whole new one, or none."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gendistill.config import to_yaml
+from gendistill.core.io import clear_trash, replace_dir
 from gendistill.core.media import write_video
 
 logger = logging.getLogger("gendistill.video_distill")
@@ -72,7 +74,9 @@ class ExportMixin:
         state = acc.get_state_dict(self.student)  # every process takes part (gathers sharded weights)
         if acc.is_main_process:
             tmp = folder.parent / f".tmp-{folder.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            clear_trash(folder.parent, folder.name + "-")  # what killed runs left
+            for stale in (tmp, folder.parent / f".old-{folder.name}"):  # .old-: written by earlier versions
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             student = acc.unwrap_model(self.student)
             tr_state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
@@ -99,11 +103,6 @@ class ExportMixin:
                     copy.load_state_dict(part)
                     copy.save_pretrained(tmp / name) if part else copy.save_config(tmp / name)
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            old = folder.parent / f".old-{folder.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            if folder.exists():
-                os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, folder)  # fsynced, then renamed: a killed run leaves the old export, the new one or none
         acc.wait_for_everyone()
         return folder

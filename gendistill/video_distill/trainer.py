@@ -457,10 +457,10 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", align=f"{record['align']:.4f}")
+            if cfg.validation.every and self.step % cfg.validation.every == 0:
+                self.validate()  # before the checkpoint: a run killed in between redoes this step's videos
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
-            if cfg.validation.every and self.step % cfg.validation.every == 0:
-                self.validate()
             if agreed(self.accelerator, preempted.raised):
                 if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save_checkpoint()
