@@ -1,29 +1,37 @@
 """Batch rendering of splat scenes to turntable videos, PNG frames and contact sheets.
 
-Under `accelerate launch -m gendistill render ...` (or torchrun) the frames of every scene are split
-across processes; the main process assembles the videos and contact sheets.
+Everything streams: scenes are loaded one at a time, and each frame goes to the video encoder and
+to its PNG as it is rendered, so a run holds one scene, one batch of frames and the contact sheet's
+dozen frames (downsized past `SHEET_MAX_SIDE`) whatever the frame count. Under `accelerate launch
+-m gendistill render ...` (or torchrun) the frames of every scene are split across processes, which
+write them as PNGs (into a hidden `.frames` folder when no PNGs were asked for); the main process
+then streams those into the video and the contact sheet, in order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import imageio.v3 as iio
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from gendistill.core.render import BACKENDS
 from gendistill.core.runtime import resolve_device
 from gendistill.core.cameras import Cameras, load_cameras, orbit_path, spiral_path
-from gendistill.core.media import contact_sheet, to_uint8, write_image, write_video
+from gendistill.core.media import VideoWriter, contact_sheet, to_uint8, write_image
 from gendistill.core.scene import GaussianScene
 
 FORMATS = ("mp4", "png", "both")
 PATHS = ("orbit", "spiral")
+SHEET_FRAMES = 12  # frames on a contact sheet, evenly spaced
+SHEET_MAX_SIDE = 512  # contact-sheet frames with a longer side are downsized by a whole factor
 
 
 @dataclass
@@ -95,12 +103,67 @@ def render_frames(scene: GaussianScene, cams: Cameras, indices: Sequence[int], j
             progress.update(len(idx))
 
 
+def sheet_picks(n_frames: int) -> list[int]:
+    """The frame indices a contact sheet of `n_frames` frames shows: up to `SHEET_FRAMES`, evenly spaced."""
+    return torch.linspace(0, n_frames - 1, min(SHEET_FRAMES, n_frames)).round().long().unique().tolist()
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> itself, or box-downsized by the least whole factor that brings its longer
+    side to `SHEET_MAX_SIDE` or below."""
+    factor = -(-max(image.shape[:2]) // SHEET_MAX_SIDE)
+    if factor <= 1:
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).reduce(factor))
+
+
+def write_outputs(folder: Path, frames: Iterable[tuple[int, np.ndarray]], n_frames: int, job: RenderJob) -> None:
+    """Stream `frames` ((index, uint8 [H, W, 3]), indices 0..n_frames-1 in order) into
+    `folder/turntable.mp4` (mp4/both) and `folder/contact_sheet.png`, each written atomically.
+
+    Holds only the frame at hand and the contact sheet's frames (`sheet_picks`, `_thumbnail`).
+    """
+    picks, thumbs, count = set(sheet_picks(n_frames)), [], 0
+    with contextlib.ExitStack() as stack:
+        video = stack.enter_context(VideoWriter(folder / "turntable.mp4", fps=job.fps)) if job.fmt != "png" else None
+        for i, image in frames:
+            if i != count:
+                raise RuntimeError(f"{folder}: frame {i} arrived where frame {count} was due")
+            if video is not None:
+                video.append(image)
+            if i in picks:
+                thumbs.append(_thumbnail(image))
+            count += 1
+        if count != n_frames:
+            raise RuntimeError(f"{folder}: {count} frames arrived, {n_frames} were due")
+    write_image(folder / "contact_sheet.png", contact_sheet(thumbs, cols=6 if len(thumbs) > 6 else None))
+
+
+def _with_pngs(frames: Iterable[tuple[int, np.ndarray]], frames_dir: Path | None) -> Iterator[tuple[int, np.ndarray]]:
+    """Pass (index, image) pairs through, writing each as frames_dir/NNNNN.png first (when a folder is given)."""
+    for i, image in frames:
+        if frames_dir is not None:
+            write_image(frames_dir / f"{i:05d}.png", image)
+        yield i, image
+
+
+def _read_pngs(frames_dir: Path, n_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, uint8 [H, W, 3]) of frames_dir/00000.png, 00001.png, ..., read one at a time."""
+    for i in range(n_frames):
+        yield i, iio.imread(frames_dir / f"{i:05d}.png")
+
+
 def render_scenes(scene_paths: Sequence[str | Path], out_dir: str | Path, job: RenderJob,
                   device: str | torch.device | None = None) -> list[Path]:
     """Render every scene along the job's cameras into `out_dir/<scene stem>/`.
 
-    Writes `turntable.mp4` (mp4/both), `frames/NNNNN.png` (png/both) and `contact_sheet.png`.
-    All scenes are loaded and checked before any rendering starts. Returns the scene folders.
+    Writes `turntable.mp4` (mp4/both), `frames/NNNNN.png` (png/both) and `contact_sheet.png`, each
+    file atomically. Every scene is loaded and checked, one at a time, before anything is written
+    (a bad one fails the run up front); each is then loaded again in turn (the first one is kept from
+    the check) and its frames streamed to the outputs, so at most one scene and a batch of frames
+    are held. Returns the scene folders.
     """
     from accelerate import PartialState
 
@@ -112,30 +175,37 @@ def render_scenes(scene_paths: Sequence[str | Path], out_dir: str | Path, job: R
     stems = [Path(p).stem for p in scene_paths]
     if len(set(stems)) != len(stems):
         raise ValueError(f"scene file names must differ, got {', '.join(map(str, scene_paths))}")
-    scenes = [GaussianScene.load_ply(p) for p in scene_paths]
-    jobs = [(p, s, scene_cameras(s, job)) for p, s in zip(scene_paths, scenes)]
-    total = sum(len(c) for _, _, c in jobs)
+    cameras, held = [None] * len(scene_paths), None
+    for k in reversed(range(len(scene_paths))):  # last to first: the one still held at the end renders first
+        held = None  # release the previous one before loading the next
+        held = GaussianScene.load(scene_paths[k])
+        cameras[k] = scene_cameras(held, job)
+    total = sum(len(c) for c in cameras)
 
     folders = []
     with tqdm(total=math.ceil(total / state.num_processes), unit="frame", disable=not state.is_main_process,
               desc="render") as bar:
-        for path, scene, cams in jobs:
+        for k, (path, cams) in enumerate(zip(scene_paths, cameras)):
+            scene, held = (held if k == 0 else GaussianScene.load(path)).to(device), None
             folder = out_dir / Path(path).stem
-            frames_dir = folder / ("frames" if job.fmt in ("png", "both") else ".frames")
-            frames_dir.mkdir(parents=True, exist_ok=True)
-            scene = scene.to(device)
-            with state.split_between_processes(list(range(len(cams)))) as mine:
-                for i, image in render_frames(scene, cams, mine, job, bar):
-                    write_image(frames_dir / f"{i:05d}.png", image)
-            state.wait_for_everyone()
-            if state.is_main_process:
-                frames = [iio.imread(frames_dir / f"{i:05d}.png") for i in range(len(cams))]
-                if job.fmt in ("mp4", "both"):
-                    write_video(folder / "turntable.mp4", frames, fps=job.fps)
-                picks = torch.linspace(0, len(frames) - 1, min(12, len(frames))).round().long().unique()
-                write_image(folder / "contact_sheet.png", contact_sheet([frames[i] for i in picks], cols=6 if len(picks) > 6 else None))
-                if frames_dir.name == ".frames":
-                    shutil.rmtree(frames_dir)
-            state.wait_for_everyone()
+            folder.mkdir(parents=True, exist_ok=True)
+            frames_dir = folder / "frames" if job.fmt in ("png", "both") else None
+            if state.num_processes == 1:
+                write_outputs(folder, _with_pngs(render_frames(scene, cams, range(len(cams)), job, bar), frames_dir),
+                              len(cams), job)
+            else:
+                parts = frames_dir or folder / ".frames"
+                with state.split_between_processes(list(range(len(cams)))) as mine:
+                    for _ in _with_pngs(render_frames(scene, cams, mine, job, bar), parts):
+                        pass
+                state.wait_for_everyone()
+                if state.is_main_process:
+                    try:
+                        write_outputs(folder, _read_pngs(parts, len(cams)), len(cams), job)
+                    finally:
+                        if frames_dir is None:
+                            shutil.rmtree(parts, ignore_errors=True)
+                state.wait_for_everyone()
+            del scene
             folders.append(folder)
     return folders

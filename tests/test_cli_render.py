@@ -69,8 +69,9 @@ def test_render_bad_size_and_format(capsys, tmp_path):
 
 
 def test_render_split_across_two_processes_matches_one(tmp_path):
-    """torchrun starts 2 CPU processes (accelerate's launcher needs MPI for that); frames are split."""
-    args = ["render", str(SNOWMAN), "--frames", "4", "--size", "32x32", "--format", "png"]
+    """torchrun starts 2 CPU processes (accelerate's launcher needs MPI for that); frames are split, and
+    the main process streams them all, in order, into the video and the contact sheet."""
+    args = ["render", str(SNOWMAN), "--frames", "5", "--size", "32x32", "--format", "both"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(2):  # a gloo rendezvous on CPU occasionally aborts; retry once on a fresh port
@@ -81,8 +82,14 @@ def test_render_split_across_two_processes_matches_one(tmp_path):
         if proc.returncode == 0:
             break
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for i in range(4):
+    for i in range(5):
         a = iio.imread(tmp_path / "one" / "snowman" / "frames" / f"{i:05d}.png")
         b = iio.imread(tmp_path / "two" / "snowman" / "frames" / f"{i:05d}.png")
         assert np.array_equal(a, b)
+    for name in ("turntable.mp4", "contact_sheet.png"):
+        a, b = (iio.imread(tmp_path / run / "snowman" / name) for run in ("one", "two"))
+        assert a.shape == b.shape and np.array_equal(a, b), name
+    assert iio.imread(tmp_path / "two" / "snowman" / "turntable.mp4").shape[0] == 5
+    assert sorted(p.name for p in (tmp_path / "two" / "snowman").iterdir()) == [
+        "contact_sheet.png", "frames", "turntable.mp4"]
     assert proc.stdout.count("rendered snowman") == 1  # only the main process reports

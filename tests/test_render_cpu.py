@@ -224,7 +224,7 @@ def test_independent_of_thread_count():
     finally:
         numba.set_num_threads(before)
     assert torch.equal(res[0][0], res[-1][0])
-    assert (res[0][1] - res[-1][1]).abs().max() < 1e-12
+    assert torch.equal(res[0][1], res[-1][1])  # gradients are summed in tile-list order, whatever the threads
 
 
 def test_depth_order_is_a_stable_argsort():

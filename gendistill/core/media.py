@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Sequence
@@ -13,7 +14,7 @@ import torch
 from gendistill.core.io import atomic_path
 
 
-__all__ = ["to_uint8", "write_image", "write_video", "read_video", "contact_sheet"]
+__all__ = ["to_uint8", "write_image", "VideoWriter", "write_video", "read_video", "contact_sheet"]
 
 def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """[..., H, W, C] float in [0, 1] (or uint8) -> uint8 numpy, clipped; 1 channel is repeated to RGB."""
@@ -33,19 +34,70 @@ def write_image(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> No
         iio.imwrite(tmp, to_uint8(image))
 
 
+class VideoWriter:
+    """An H.264 mp4 written one frame at a time, atomically: only the frame being encoded is held.
+
+        with VideoWriter("out.mp4", fps=30) as video:
+            for frame in frames:  # [H, W, C] float in [0, 1] or uint8, all of one size
+                video.append(frame)
+
+    `path` appears, whole, when the block ends without an error; an error or an interrupt inside it
+    leaves no file under `path` (an older one stays) and no temporary file. Odd sizes are padded to
+    even ones (yuv420p needs them) by repeating the last row/column. `count`: frames appended.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float = 30):
+        self.path, self.fps, self.count = path, fps, 0
+        self._atomic = self._tmp = self._shape = self._writer = None
+
+    def __enter__(self) -> "VideoWriter":
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        return self
+
+    def append(self, frame: torch.Tensor | np.ndarray) -> None:
+        """Encode one [H, W, C] frame (float in [0, 1] or uint8)."""
+        import imageio.v2 as iio2
+
+        frame = to_uint8(frame)
+        if frame.ndim != 3 or (self._shape is not None and frame.shape != self._shape):
+            want = "[H, W, C]" if self._shape is None else f"{self._shape}, as the first frame"
+            raise ValueError(f"{self.path}: frame {self.count} has shape {frame.shape}, expected {want}")
+        if self._writer is None:
+            self._shape = frame.shape
+            self._writer = iio2.get_writer(self._tmp, format="FFMPEG", mode="I", fps=self.fps, codec="libx264",
+                                           macro_block_size=1)
+        pad_h, pad_w = frame.shape[0] % 2, frame.shape[1] % 2
+        if pad_h or pad_w:
+            frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        self._writer.append_data(frame)
+        self.count += 1
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        atomic, self._atomic = self._atomic, None
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if exc_type is None and self.count == 0:
+                raise ValueError(f"{self.path}: a video needs at least one frame")
+        except BaseException as err:
+            atomic.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
+            raise
+        atomic.__exit__(exc_type, exc, tb)  # renames it onto `path`, or after an error removes it
+        return False
+
+
 def write_video(path: str | os.PathLike, frames: Sequence | np.ndarray | torch.Tensor, fps: float = 30) -> None:
-    """Write [F, H, W, C] frames (float in [0, 1] or uint8) as an H.264 mp4, atomically.
+    """Write [F, H, W, C] frames (float in [0, 1] or uint8) as an H.264 mp4, atomically (`VideoWriter`).
 
     Odd sizes are padded to even ones (yuv420p needs them) by repeating the last row/column.
     """
-    frames = to_uint8(frames) if hasattr(frames, "shape") else np.stack([to_uint8(f) for f in frames])
-    if frames.ndim != 4 or len(frames) == 0:
-        raise ValueError(f"write_video({path}): expected frames [F, H, W, C] with F > 0, got shape {frames.shape}")
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    with atomic_path(path) as tmp:
-        iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
+    if len(frames) == 0 or (hasattr(frames, "shape") and len(frames.shape) != 4):
+        shape = tuple(frames.shape) if hasattr(frames, "shape") else (len(frames),)
+        raise ValueError(f"write_video({path}): expected frames [F, H, W, C] with F > 0, got shape {shape}")
+    with VideoWriter(path, fps) as video:
+        for frame in frames:
+            video.append(frame)
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

@@ -14,9 +14,12 @@ sigma is quadratic in the column, so exp(-sigma) comes from two exponentials per
 which fragments count. A row is skipped when every pixel the Gaussian can reach there has ended
 (forward) or has its last fragment in front of this one (backward). With a `pixel_mask` only the
 masked pixels are composited (the editor composites just the pixels its part can reach). Tiles are
-shared between the worker threads by a longest-job-first assignment; the backward pass gives each
-worker its own gradient buffer (no races, deterministic for a fixed thread count), summed at the end.
-Everything is computed in float64; outputs come back in the input dtype.
+shared between the worker threads by a longest-job-first assignment. The backward pass writes one
+gradient record per tile-list entry (a Gaussian's sums over one tile's pixels) and adds the records
+into the Gaussians' gradients in tile-list order, a bounded run of tiles at a time: its scratch is at
+most `BACKWARD_SCRATCH_BYTES` (or one tile list), whatever the thread, camera and Gaussian counts, and
+the sums do not depend on the thread count. Everything is computed in float64; outputs come back in
+the input dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from numba import njit, prange
 
 from .torch_backend import check_pixel_mask
 
-__all__ = ["rasterize_to_pixels_cpu"]
+__all__ = ["rasterize_to_pixels_cpu", "backward_scratch_bytes", "BACKWARD_SCRATCH_BYTES"]
 
 ALPHA_MIN = 1.0 / 255.0  # fragments with a smaller alpha are skipped
 ALPHA_MAX = 0.999  # alpha is clamped to this
@@ -41,6 +44,7 @@ _PD_MIN = 1e-6  # conics with det < this * a * c are scanned pixel by pixel (spa
 _NP = 11  # per-Gaussian record: x, y, a, b, c, opacity, sigma bound, positive-definite flag, then the
 # ellipse's half-width and half-height at the bound (inf when not positive definite) and exp(-a)
 _RECUR_MIN = 3  # rows at least this long get exp(-sigma) by products; shorter ones per visited pixel
+BACKWARD_SCRATCH_BYTES = 16 << 20  # the backward's gradient records for a run of tiles (a longer tile list gets its own)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -338,15 +342,15 @@ def _forward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height,
 
 @njit(cache=True, parallel=True)
 def _backward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height, width, tile_size, tiles_w,
-              n_tiles, active, trans, last, v_render, v_alpha_out, grads, g0):
-    """Back-to-front pass per tile (rows as `_forward`); grads [n_workers, M - g0, 6 + D] gets, per
-    worker, the sums of d/d(x, y, a, b, c, opacity, colour...) of rows g >= g0 (at g - g0) over the
-    pixels that worker handled. Rows below g0 are frozen: no gradient is computed for them."""
+              n_tiles, active, trans, last, v_render, v_alpha_out, records, hit, k0, g0):
+    """Back-to-front pass over the tiles in `work` (rows as `_forward`, whose tile lists cover entries
+    k0 to k0 + len(records) of `ids`). For each list entry k of rows g >= g0, records[k - k0] [6 + D]
+    gets the sums over the tile's pixels of d/d(x, y, a, b, c, opacity, colour...) and hit[k - k0]
+    whether there were any; rows below g0 are frozen: no gradient is computed for them."""
     dim = colors.shape[1]
     n1 = recs.shape[0]
     npix = tile_size * tile_size
     for w in prange(ptr.shape[0] - 1):
-        gw = grads[w]
         t_cur = np.empty(npix)
         t_fin = np.empty(npix)
         lst = np.empty(npix, np.int32)
@@ -369,6 +373,7 @@ def _backward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height
             x1 = min(x0 + tile_size, width)
             y1 = min(y0 + tile_size, height)
             bw = x1 - x0
+            hit[offsets[tile] - k0 : offsets[tile + 1] - k0] = False
             k_max = -1
             for i in range(y0, y1):
                 for j in range(x0, x1):
@@ -406,7 +411,7 @@ def _backward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height
                 qq = rec[10]
                 loc[:dim] = 0.0
                 gx = gy = ga = gb = gc = go = 0.0
-                hit = False
+                drawn = False
                 i0, i1 = _span(rec, 1, y0, y1)
                 c0, c1 = _span(rec, 0, x0, x1)
                 for i in range(i0, i1):
@@ -430,7 +435,7 @@ def _backward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height
                         alpha = min(ALPHA_MAX, opac * vis)
                         if alpha < ALPHA_MIN:
                             continue
-                        hit = True
+                        drawn = True
                         ra = 1.0 / (1.0 - alpha)
                         t = t_cur[p] * ra  # transmittance in front of this fragment
                         t_cur[p] = t
@@ -452,16 +457,27 @@ def _backward(recs, colors, recs2, colors2, bgs, offsets, ids, work, ptr, height
                             gb += v_sigma * dx * dy
                             gc += 0.5 * v_sigma * dy * dy
                             go += vis * v_alpha
-                if hit and g >= g0:
-                    r = g - g0
-                    gw[r, 0] += gx
-                    gw[r, 1] += gy
-                    gw[r, 2] += ga
-                    gw[r, 3] += gb
-                    gw[r, 4] += gc
-                    gw[r, 5] += go
+                if drawn and g >= g0:
+                    r = start + kk - k0
+                    hit[r] = True
+                    records[r, 0] = gx
+                    records[r, 1] = gy
+                    records[r, 2] = ga
+                    records[r, 3] = gb
+                    records[r, 4] = gc
+                    records[r, 5] = go
                     for d in range(dim):
-                        gw[r, 6 + d] += loc[d]
+                        records[r, 6 + d] = loc[d]
+
+
+@njit(cache=True)
+def _add_records(records, hit, ids, k0, g0, dest, out):
+    """out[dest[ids[k] - g0]] += records[k - k0] for the entries k from k0 with a hit, in order of k."""
+    for r in range(hit.shape[0]):
+        if hit[r]:
+            row = out[dest[ids[k0 + r] - g0]]
+            for d in range(records.shape[1]):
+                row[d] += records[r, d]
 
 
 # --------------------------------------------------------------------------- host side
@@ -493,8 +509,62 @@ def _f64(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().double().numpy())
 
 
+def _run_plan(offsets: np.ndarray, dim: int, n_rows: int) -> tuple[list[tuple[int, int]], int]:
+    """The backward's runs of tiles: consecutive tile ranges [t0, t1) with tile-list entries (offsets
+    [T + 1]), each of at most min(`BACKWARD_SCRATCH_BYTES` of records, n_rows) entries unless one tile
+    alone holds more (a list holds a row at most once, so at most n_rows then too). Runs without
+    entries are left out. Returns (runs, the most entries in a run)."""
+    entry = 8 * (6 + dim) + 1
+    cap = max(1, min(BACKWARD_SCRATCH_BYTES // entry, n_rows))
+    runs, t0, n_tiles, size = [], 0, offsets.shape[0] - 1, 0
+    while t0 < n_tiles:
+        t1 = int(np.searchsorted(offsets, offsets[t0] + cap, side="right")) - 1
+        t1 = min(max(t1, t0 + 1), n_tiles)
+        if offsets[t1] > offsets[t0]:
+            runs.append((t0, t1))
+            size = max(size, int(offsets[t1] - offsets[t0]))
+        t0 = t1
+    return runs, size
+
+
+def backward_scratch_bytes(dim: int, offsets: np.ndarray | None = None, n_rows: int | None = None) -> int:
+    """Bytes of gradient scratch the backward allocates for D = `dim` features: a float64 record of
+    6 + D values and a flag for each tile-list entry of a run of tiles, reused from run to run.
+
+    offsets: [T + 1] the tile lists' offsets, n_rows the number of rows they draw from (None: no
+    fewer than entries); offsets None: the most a run can take (`BACKWARD_SCRATCH_BYTES` rounded down
+    to whole entries), which only a tile whose list alone is longer exceeds. The scratch depends on
+    neither the thread count nor, beyond the tile lists, the number of cameras and Gaussians.
+    """
+    entry = 8 * (6 + dim) + 1
+    if offsets is None:
+        return BACKWARD_SCRATCH_BYTES // entry * entry
+    return _run_plan(offsets, dim, int(offsets[-1]) if n_rows is None else n_rows)[1] * entry
+
+
+def _backward_sums(binned: tuple, trans: np.ndarray, last: np.ndarray, v_render: np.ndarray,
+                   v_alpha: np.ndarray, g0: int, dest: np.ndarray, out: np.ndarray) -> None:
+    """Add the gradients of the tile lists' rows g >= g0 into out[dest[g - g0]] (out: [R, 6 + D] float64).
+
+    binned: the `_forward` arguments up to `active`; trans, last: its outputs; v_render [C, H, W, D] and
+    v_alpha [C, H, W] float64. The tiles go a run at a time (`_run_plan`): `_backward` writes a record
+    per list entry of the run into scratch reused from run to run, `_add_records` adds them in list
+    order, so the sums do not depend on the threads or the runs.
+    """
+    offsets, ids, ptr = binned[5], binned[6], binned[8]
+    dim = binned[1].shape[1]
+    runs, size = _run_plan(offsets, dim, binned[0].shape[0] + binned[2].shape[0])
+    records, hit = np.empty((size, 6 + dim)), np.empty(size, np.bool_)
+    for t0, t1 in runs:
+        k0, n = int(offsets[t0]), int(offsets[t1] - offsets[t0])
+        work, run_ptr = _assign(offsets[t0 : t1 + 1], ptr.shape[0] - 1)
+        _backward(*binned[:7], work + t0, run_ptr, *binned[9:], trans, last, v_render, v_alpha, records[:n], hit[:n],
+                  k0, g0)
+        _add_records(records[:n], hit[:n], ids, k0, g0, dest, out)
+
+
 class _RasterizeCPU(torch.autograd.Function):
-    """Forward: bin, composite. Backward: one back-to-front pass per tile, per-worker gradient sums."""
+    """Forward: bin, composite. Backward: one back-to-front pass per tile, sums in tile-list order."""
 
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, backgrounds, depths, radii, width, height, tile_size,
@@ -534,14 +604,11 @@ class _RasterizeCPU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, v_render, v_alphas):
         binned, trans = ctx.binned, ctx.trans
-        n_workers = binned[8].shape[0] - 1  # ptr
-        n_cams, height, width = trans.shape
+        n_cams = trans.shape[0]
         dim = binned[1].shape[1]
         v_r = _f64(v_render)
-        grads = np.zeros((n_workers, binned[0].shape[0], 6 + dim))
-        _backward(*binned, trans, ctx.last, v_r, _f64(v_alphas).reshape(trans.shape), grads, 0)
         g = np.zeros((ctx.n_rows, 6 + dim))
-        g[ctx.used] = grads.sum(0) if n_workers > 1 else grads[0]
+        _backward_sums(binned, trans, ctx.last, v_r, _f64(v_alphas).reshape(trans.shape), 0, ctx.used, g)
         g = torch.from_numpy(g).reshape(n_cams, -1, 6 + dim)
         out = [g[..., 0:2], g[..., 2:5], g[..., 6:], g[..., 5]]
         if ctx.has_bg:

@@ -21,7 +21,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .cpu_backend import _assign, _backward, _depth_order, _f64, _forward, _np, _prepare, _span
+from .cpu_backend import _assign, _backward_sums, _depth_order, _f64, _forward, _np, _prepare, _span
 
 __all__ = ["FrozenLayer", "frozen_layer", "composite_with_layers"]
 
@@ -229,13 +229,12 @@ class _CompositeWithLayers(torch.autograd.Function):
         v_r = _f64(v_render)
         n_cams, dim = v_r.shape[0], v_r.shape[-1]
         n = ctx.binned[0][2].shape[0]
-        g = np.empty((n_cams, n, 6 + dim))
+        g = np.zeros((n_cams, n, 6 + dim))
+        rows = np.arange(n)
         for c, binned in enumerate(ctx.binned):
-            grads = np.zeros((binned[8].shape[0] - 1, n, 6 + dim))  # per worker (binned[8]: ptr, workers + 1)
             cam = slice(c, c + 1)
-            _backward(*binned, ctx.trans[cam], ctx.last[cam], v_r[cam], np.zeros_like(ctx.trans[cam]), grads,
-                      binned[0].shape[0])
-            g[c] = grads.sum(0)
+            _backward_sums(binned, ctx.trans[cam], ctx.last[cam], v_r[cam], np.zeros_like(ctx.trans[cam]),
+                           binned[0].shape[0], rows, g[c])
         g = torch.from_numpy(g)
         out = [g[..., 0:2], g[..., 2:5], g[..., 6:], g[..., 5]]
         out = [t.to(device, dtype) for t, (dtype, device) in zip(out, ctx.like)]
