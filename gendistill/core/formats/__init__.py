@@ -7,12 +7,14 @@
 | `spz` | Niantic `.spz`, v1-v4 | yes | yes (v3) | gsply |
 | `splat` | antimatter15 `.splat` | yes | yes | by hand / gsplat's `export_splats` |
 | `gsplat-ckpt` | gsplat `simple_trainer` `ckpt_*.pt` | yes | no | torch.load |
+| `sog` | PlayCanvas SOG (WebP images in a zip) | with `imagecodecs` | no | gsply |
 
     scene, notes = read_scene("point_cloud.ply")     # notes: what the format could not hold exactly
     write_scene(scene, "scene.spz")                  # the format from the suffix, or fmt="spz"
 
-A file's format is found from its first bytes where the format has a signature, else from its
-suffix; a file whose signature contradicts its suffix is an error naming both. Other packages add
+A file's format is found from its first bytes where a format's signature matches (so an SPZ named
+`.ply` still reads as SPZ), else from its suffix; a file named for a format with a signature it
+lacks is an error naming both. Other packages add
 formats with `@SCENE_FORMATS.register(name)` on a `SceneFormat` (see `gendistill.registry`).
 """
 
@@ -25,14 +27,15 @@ from pathlib import Path
 from typing import Callable
 
 from gendistill.core.formats.gsplat_ckpt import is_torch_zip, read_gsplat_ckpt
-from gendistill.core.formats.packed import (is_compressed_ply, is_spz, read_compressed_ply, read_spz,
-                                            write_compressed_ply, write_spz)
+from gendistill.core.formats.packed import (is_compressed_ply, is_sog, is_spz, read_compressed_ply, read_sog,
+                                            read_spz, write_compressed_ply, write_spz)
 from gendistill.core.formats.ply import read_ply, write_ply
 from gendistill.core.formats.splat import read_splat, write_splat
 from gendistill.core.scene import GaussianScene, SceneFormatError
 from gendistill.registry import Registry, load_plugins
 
-__all__ = ["SceneFormat", "SCENE_FORMATS", "detect_format", "read_scene", "write_scene", "format_for_path"]
+__all__ = ["SceneFormat", "SCENE_FORMATS", "detect_format", "read_scene", "write_scene", "format_for_path",
+           "writable_format"]
 
 logger = logging.getLogger("gendistill.formats")
 _HEAD = 1 << 16  # bytes read to find a signature (a PLY header with many properties is long)
@@ -61,6 +64,7 @@ SCENE_FORMATS.register("ply")(SceneFormat(
     lambda head: head.startswith(b"ply") and not is_compressed_ply(head), "'ply' and a header"))
 SCENE_FORMATS.register("spz")(SceneFormat((".spz",), read_spz, write_spz, is_spz, "gzip or NGSP magic bytes"))
 SCENE_FORMATS.register("splat")(SceneFormat((".splat",), read_splat, write_splat, None))
+SCENE_FORMATS.register("sog")(SceneFormat((".sog",), read_sog, None, is_sog, "a zip archive of WebP images"))
 SCENE_FORMATS.register("gsplat-ckpt")(SceneFormat(
     (".pt", ".pth", ".ckpt"), read_gsplat_ckpt, None, is_torch_zip, "a torch zip archive"))
 
@@ -99,20 +103,28 @@ def read_scene(path: str | os.PathLike, fmt: str | None = None) -> tuple[Gaussia
     path = Path(path)
     name = fmt or detect_format(path)
     scene, notes = SCENE_FORMATS.get_entry(name).read(path)
+    zero = scene.quats.norm(dim=1) < 1e-12  # a degenerate rotation renders as NaN: the identity instead
+    if zero.any():
+        scene.quats[zero] = scene.quats.new_tensor([1.0, 0.0, 0.0, 0.0])
+        notes = notes + [f"{int(zero.sum())} zero rotation(s) read as the identity"]
     for note in notes:
         logger.warning("%s: %s", path, note)
     return scene, notes
 
 
+def writable_format(path: str | os.PathLike, fmt: str | None = None) -> str:
+    """The format `path` would be written in (`fmt`, or from its suffix); a ValueError naming the path
+    and the writable formats when there is none. Cheap: ask it before long work."""
+    load_plugins()
+    name = fmt or format_for_path(path)
+    writable = [n for n, f in SCENE_FORMATS.items() if f.write]
+    if name not in writable:
+        known = ", ".join(f"{n} ({' '.join(SCENE_FORMATS[n].suffixes)})" for n in writable)
+        what = "no scene format has this suffix" if name is None else f"the {name} format cannot be written"
+        raise ValueError(f"{path}: {what}; writable: {known}")
+    return name
+
+
 def write_scene(scene: GaussianScene, path: str | os.PathLike, fmt: str | None = None) -> list[str]:
     """Write `scene` atomically in format `fmt` (default: from the suffix); returns the notes."""
-    load_plugins()
-    path = Path(path)
-    name = fmt or format_for_path(path)
-    if name is None:
-        writable = ", ".join(f"{n} ({' '.join(f.suffixes)})" for n, f in SCENE_FORMATS.items() if f.write)
-        raise ValueError(f"{path}: no scene format has this suffix; writable: {writable}")
-    entry = SCENE_FORMATS.get_entry(name)
-    if entry.write is None:
-        raise ValueError(f"{path}: the {name} format is read only")
-    return entry.write(scene, path)
+    return SCENE_FORMATS[writable_format(path, fmt)].write(scene, Path(path))

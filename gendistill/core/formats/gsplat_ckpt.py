@@ -8,7 +8,6 @@ view-independent colour to read: refused. Loaded with `weights_only=True` (no co
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import torch
@@ -19,13 +18,19 @@ __all__ = ["read_gsplat_ckpt", "is_torch_zip"]
 
 
 def is_torch_zip(head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04")
+    """A zip archive whose first entry is torch.save's `<name>/data.pkl` (not, e.g., a SOG's WebP images)."""
+    if not head.startswith(b"PK\x03\x04") or len(head) < 30:
+        return False
+    name_len = int.from_bytes(head[26:28], "little")
+    return head[30:30 + name_len].endswith(b"data.pkl")
 
 
 def read_gsplat_ckpt(path: Path) -> tuple[GaussianScene, list[str]]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # torch.load raises many types for a damaged archive or a foreign pickle
+        if isinstance(err, MemoryError):
+            raise
         raise SceneFormatError(f"{path}: unreadable torch checkpoint ({type(err).__name__}: {err})") from None
     splats = ckpt.get("splats") if isinstance(ckpt, dict) else None
     if not isinstance(splats, dict):

@@ -28,7 +28,7 @@ from plyfile import PlyData, PlyElement
 from gendistill.core.io import atomic_path
 from gendistill.core.scene import _NORMALS, _REQUIRED, _RESERVED_PREFIXES, GaussianScene, SceneFormatError
 
-__all__ = ["read_ply", "write_ply"]
+__all__ = ["read_ply", "write_ply", "check_ply_header"]
 
 _REST_COUNTS = {0: 0, 9: 1, 24: 2, 45: 3}  # number of f_rest_* -> SH degree
 # numpy dtype kind+size -> PLY type written for extras; int64/uint64 are narrowed (range-checked)
@@ -37,6 +37,37 @@ _EXTRA_DTYPES = {"u1": "u1", "i1": "i1", "u2": "u2", "i2": "i2", "u4": "u4", "i4
 # numpy dtype read from a file -> torch dtype (torch lacks wide unsigned ints: widen)
 _TORCH_FROM_NP = {"u1": torch.uint8, "i1": torch.int8, "u2": torch.int32, "i2": torch.int16,
                   "u4": torch.int64, "i4": torch.int32, "f4": torch.float32, "f8": torch.float64}
+
+
+_TYPE_BYTES = {"char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2,
+               "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def check_ply_header(path: Path) -> None:
+    """Refuse a PLY whose header does not end within 64 KiB, or whose element counts need more
+    bytes than the file holds, before a reader allocates arrays of that length. A binary row takes
+    at least its scalar properties and list lengths; an ASCII row two characters a property."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    end = head.find(b"end_header")
+    if not head.startswith(b"ply"):
+        return  # plyfile names what is wrong
+    if end < 0:
+        raise SceneFormatError(f"{path}: the PLY header has no end_header in its first 64 KiB (damaged or truncated)")
+    body = os.path.getsize(path) - (end + len(b"end_header\n"))
+    ascii_file, elements = b"format ascii" in head[:end], []
+    for line in head[:end].decode("latin-1").splitlines():
+        tok = line.split()
+        if len(tok) == 3 and tok[0] == "element" and tok[2].isdigit():
+            elements.append([tok[1], int(tok[2]), 0])
+        elif len(tok) >= 3 and tok[0] == "property" and elements:
+            size = _TYPE_BYTES.get(tok[2] if tok[1] == "list" else tok[1], 1)
+            elements[-1][2] += 2 if ascii_file else size
+    need = sum(count * row for _, count, row in elements)
+    if need > body:
+        claims = ", ".join(f"{count:,} {name}" for name, count, _ in elements)
+        raise SceneFormatError(f"{path}: the header claims {claims}, which need at least {need:,} bytes; the "
+                               f"file holds {body:,} after its header (truncated, or a wrong count)")
 
 
 def read_ply(path: str | os.PathLike) -> GaussianScene:
@@ -49,6 +80,7 @@ def read_ply(path: str | os.PathLike) -> GaussianScene:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such scene file")
+    check_ply_header(path)
     try:
         ply = PlyData.read(str(path))
     except Exception as e:  # plyfile raises several types for header / body problems
