@@ -13,7 +13,7 @@ from gendistill.video_distill.cli import add_finetune_parser, add_generate_parse
 
 def _add_render(sub) -> None:
     p = sub.add_parser("render", help="render splat scenes to turntable videos, PNG frames and contact sheets")
-    p.add_argument("scenes", nargs="+", help="INRIA 3DGS .ply files")
+    p.add_argument("scenes", nargs="+", help="scene files (.ply, .compressed.ply, .spz, .splat, gsplat .pt)")
     p.add_argument("--out", required=True, help="output folder; one subfolder per scene")
     p.add_argument("--path", default="orbit", choices=["orbit", "spiral"], help="generated camera path")
     p.add_argument("--cameras", default=None, help="transforms.json or COLMAP model instead of a generated path")
@@ -47,6 +47,34 @@ def _run_render(args) -> None:
     if PartialState().is_main_process:
         for folder in folders:
             print(f"rendered {folder.name}: {folder}/")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a splat scene between formats: INRIA PLY, compressed PLY, SPZ, "
+                                       ".splat (gsplat checkpoints and SOG are read too)")
+    p.add_argument("input", help="scene file; its format is found from its content")
+    p.add_argument("output", help="file to write; its format from the suffix (.ply, .compressed.ply, .spz, .splat)")
+    p.add_argument("--sh-degree", type=int, default=None, choices=[0, 1, 2, 3],
+                   help="colour SH degree to write: higher orders dropped, missing ones zero (default: keep)")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> None:
+    from gendistill.core.formats import read_scene, writable_format, write_scene
+
+    try:
+        fmt = writable_format(args.output)  # before reading a large input
+    except ValueError as err:
+        raise ValueError(f"output {err}") from None
+    try:
+        scene, _ = read_scene(args.input)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"input {err}") from None
+    if args.sh_degree is not None:
+        scene = scene.with_sh_degree(args.sh_degree)
+    for note in write_scene(scene, args.output):
+        print(f"{args.output}: {note}", file=sys.stderr)
+    print(f"wrote {args.output} ({fmt}, {len(scene):,} Gaussians, SH degree {scene.sh_degree})")
 
 
 def _version() -> str:
@@ -89,6 +117,7 @@ def build_parser(key_lists: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gendistill {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_render(sub)
+    _add_convert(sub)
     add_finetune_parser(sub)
     add_generate_parser(sub)
     add_segment_parser(sub)
@@ -119,7 +148,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _message(err: Exception) -> str:
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)  # no doubled quotes
+    """The error's text on one line: no doubled quotes for a KeyError, control characters (a file name
+    may hold them) escaped."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:  # torch's message names no flag
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "dry_run", False):
         args.json, args.gpu, args.gpu_memory, args.run = False, None, None, run_plan
     try:
+        if getattr(args, "device", None) is not None:  # render, generate, segment: before anything loads
+            _check_device(args.device)
+        if getattr(args, "config", None) is not None:  # `plan` reads the file before loading it: check it first
+            from gendistill.config import read_yaml
+
+            read_yaml(args.config)
         if getattr(args, "print_config", False):
             from gendistill.config import to_yaml
 

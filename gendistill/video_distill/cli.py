@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 __all__ = ["add_finetune_parser", "add_generate_parser", "load_finetune_config", "run_finetune", "run_generate"]
 
@@ -69,7 +70,11 @@ def run_generate(args) -> None:
     from gendistill.core.runtime import as_dtype, resolve_device
     from gendistill.video_distill.generate import generate_videos, load_video_pipeline, read_prompts
 
-    prompts = read_prompts(args.prompts)
+    try:
+        prompts = read_prompts(args.prompts)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:  # their messages name no file
+        raise ValueError(f"--prompts {args.prompts}: expected UTF-8 text, one prompt a line, or a JSON list of "
+                         f"strings: {err}") from None
     device = resolve_device(args.device)
     dtype = as_dtype(args.dtype) if device.type == "cuda" else torch.float32
     pipe = load_video_pipeline(args.model, lora=args.lora, transformer=args.transformer, dtype=dtype, device=device)
