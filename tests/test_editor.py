@@ -24,8 +24,10 @@ from gendistill.splat_edit.editor import (
     background_gaussians,
     camera_angles,
     pick_anchor_views,
+    prepare_edit,
     remove_prior,
     run_edit,
+    visible_gaussians,
 )
 from gendistill.testing.diffusion import write_tiny_pipeline
 from gendistill.splat_edit.report import loss_curve_image, psnr_outside
@@ -65,7 +67,8 @@ def run(models, tmp_path_factory):
     """One edit of 3 steps through the `gendistill edit` entry, with CLIP metrics."""
     out = tmp_path_factory.mktemp("edit") / "run"
     assert cli_main(["edit", "--config", str(CONFIG), "--no-progress",
-                     *_overrides(out, models, "steps=3", f"report.clip_model={models['clip']}")]) == 0
+                     *_overrides(out, models, "steps=3", f"report.clip_model={models['clip']}",
+                                 "export=[ply,spz,splat]")]) == 0
     return out
 
 
@@ -87,6 +90,12 @@ def test_outputs_summary_and_report_links(run):
                  "report.html", "config.yaml"):
         assert (run / name).is_file(), name
     assert len(list((run / "anchors").glob("*_target.png"))) == 1
+    assert summary["exported"] == {f: str(run / f"edited.{f}") for f in ("ply", "spz", "splat")}
+    edited = GaussianScene.load(run / "edited.ply")
+    for fmt in ("spz", "splat"):  # the same scene, within the format's quantisation
+        other = GaussianScene.load(run / f"edited.{fmt}")
+        assert len(other) == len(edited)
+        assert torch.allclose(other.means.sort(0).values, edited.means.sort(0).values, atol=1e-3)
     page = (run / "report.html").read_text()
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert "turntable.mp4" in refs and "edited.ply" in refs and any(r.startswith("anchors/") for r in refs)
@@ -525,3 +534,61 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_edit(models, tmp_path,
     with pytest.raises(FloatingPointError):
         run_edit(load_edit_config(CONFIG, bad), progress=False)
     assert not (tmp_path / "b" / "edited.ply").exists()
+
+
+# ---------------------------------------------------------------------- unbounded real scenes
+@pytest.fixture
+def garden_unbounded(tmp_path):
+    """The committed garden sample (8,000 real points) inside a far background shell, as a capture's
+    unbounded scene; the part is a small central cluster of the real points."""
+    with np.load(ROOT / "tests" / "data" / "garden" / "garden_points.npz") as z:
+        pts, cols = z["means3d"].astype(np.float64), z["colors"]
+    centre = np.median(pts, axis=0)
+    g = np.random.default_rng(0).normal(size=(4000, 3))
+    shell = centre + 40.0 * g / np.linalg.norm(g, axis=1, keepdims=True)  # sky / far background
+    scene = GaussianScene.from_points(np.concatenate([pts, shell]).astype(np.float32),
+                                      np.concatenate([cols, np.full((4000, 3), 128, np.uint8)]), sh_degree=0)
+    dist = np.linalg.norm(pts - centre, axis=1)
+    mask = np.zeros(len(scene), bool)
+    mask[: len(pts)] = dist < np.quantile(dist, 0.05)  # the 400 most central real points
+    scene.save_ply(tmp_path / "garden.ply")
+    np.save(tmp_path / "part.npy", mask)
+    return tmp_path / "garden.ply", tmp_path / "part.npy", mask
+
+
+def test_an_unbounded_scene_rings_the_part_by_default(models, tmp_path, garden_unbounded):
+    from gendistill.splat_edit.edit_inputs import resolve_ring
+
+    scene_path, mask_path, mask = garden_unbounded
+    base = [f"scene={scene_path}", "part=table", f"segment.mask_file={mask_path}", "edit_prompt=x",
+            f"out={tmp_path / 'run'}", f"guidance.model={models['sd3']}", "lambda_sds=0", "cameras.up=auto"]
+    with pytest.raises(ValueError) as err:  # the scene's ring: outside everything, the part in no view
+        prepare_edit(load_edit_config(CONFIG, base + ["cameras.center=scene"]), progress=False)
+    msg = str(err.value)
+    assert "part 'table' (400 Gaussians, centre [" in msg and "the scene's radius is" in msg
+    assert "cameras.center=part" in msg and "cameras.radius" in msg
+    editor, _ = prepare_edit(load_edit_config(CONFIG, base), progress=False)  # default "auto": the part's ring
+    scene = GaussianScene.load(scene_path)
+    part = scene.subset(torch.from_numpy(mask))
+    torch.testing.assert_close(torch.tensor(editor.cfg.cameras.center, dtype=torch.float64), part.center(0.01).double(), atol=1e-5, rtol=0)
+    seen = visible_gaussians(scene.means, editor.cameras)
+    assert seen[:, torch.from_numpy(mask)].any(1).all()  # the part is in every view
+    assert resolve_ring(editor.cfg.cameras, scene, torch.from_numpy(mask)) == editor.cfg.cameras  # resolved once
+
+
+def test_up_auto_from_cameras_or_the_ground():
+    from gendistill.core.cameras import orbit_path
+    from gendistill.splat_edit.edit_inputs import estimate_up
+
+    g = np.random.default_rng(1)
+    ground = np.c_[g.uniform(-5, 5, (3000, 2)), g.normal(0, 0.02, 3000)]  # a flat ground at z = 0 ...
+    things = np.c_[g.uniform(-1, 1, (600, 2)), g.uniform(0, 2, 600)]  # ... with things standing on it
+    for up in ([0.0, 0.0, 1.0], [0.0, -1.0, 0.0]):  # z up, and y down as in OpenCV-style captures
+        r = torch.tensor([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]) if up[1] else torch.eye(3)  # z -> -y
+        pts = torch.from_numpy(np.r_[ground, things]).float() @ r.T
+        scene = GaussianScene.from_points(pts, sh_degree=0)
+        torch.testing.assert_close(torch.tensor(estimate_up(scene), dtype=torch.float64), torch.tensor(up, dtype=torch.float64),
+                                   atol=0.02, rtol=0)
+        cams = orbit_path([0.0, 0.0, 0.0], 4.0, 6, up=up)
+        torch.testing.assert_close(torch.tensor(estimate_up(scene, cams), dtype=torch.float64), torch.tensor(up, dtype=torch.float64),
+                                   atol=1e-5, rtol=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -277,6 +277,13 @@ class GaussianScene:
         logit = math.log(init_opacity / (1.0 - init_opacity))
         return GaussianScene(means=pts.clone(), quats=quats, log_scales=log_scale[:, None].repeat(1, 3),
                              opacity_logits=torch.full((n,), logit), sh=sh)
+
+    def with_sh_degree(self, degree: int) -> "GaussianScene":
+        """The scene with colour SH of `degree` (0-3): higher orders dropped, missing ones zero."""
+        k, n = num_sh_bases(degree), len(self)
+        sh = self.sh[:, :k] if k <= self.sh.shape[1] else torch.cat(
+            [self.sh, self.sh.new_zeros(n, k - self.sh.shape[1], 3)], dim=1)
+        return replace(self, sh=sh.clone())
 
     # ------------------------------------------------------------------ files
     @staticmethod

@@ -12,6 +12,7 @@ code gives a value, ours otherwise (marked "ours").
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -35,8 +36,13 @@ class CameraConfig:
     path: transforms.json / COLMAP model / .npz (`load_cameras`); None generates an orbit ring.
     width, height: render size (a camera file is rescaled to it; None keeps the file's size).
     Ring: n_azimuths x n_elevations cameras (elevations evenly spaced over elevation_range, degrees),
-    at `radius` (None: radius_factor x the scene's bounding-sphere radius) around `center` (None: the
-    scene's bounding-box centre, 1% outliers ignored), horizontal field of view fov_deg, world `up`.
+    at `radius` around `center`, horizontal field of view fov_deg, world `up`.
+    center: "scene" (the scene's bounding-box centre, 1% outliers ignored), "part" (the part's), [x, y,
+    z], or "auto" (default): "part" when the scene is over 10 times the part's size (an
+    unbounded capture around a small object), else "scene".
+    radius: None: radius_factor x the bounding-sphere radius of what the ring is centred on.
+    up: [x, y, z] or "auto": the loaded cameras' mean up (cameras.path), else the scene's axis of least
+    spread, pointing to the side its points trail off to (a ground with things on it).
     front_azimuth_deg: azimuth (ring convention) of the object's front, for view-dependent prompts.
     """
 
@@ -48,9 +54,9 @@ class CameraConfig:
     elevation_range: list[float] = field(default_factory=lambda: [0.0, 30.0])
     radius: Optional[float] = None
     radius_factor: float = 2.6
-    center: Optional[list[float]] = None
+    center: Any = "auto"  # "auto" | "scene" | "part" | [x, y, z]
     fov_deg: float = 45.0
-    up: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
+    up: Any = field(default_factory=lambda: [0.0, 0.0, 1.0])  # [x, y, z] | "auto"
     front_azimuth_deg: float = 0.0
 
 
@@ -208,6 +214,8 @@ class EditConfig:
     profile: synchronise and time each stage of a step (summary.json "timings").
     max_nonfinite_steps: a step whose loss or gradients hold NaN/inf is skipped (counted in summary.json
     "steps_skipped_nonfinite"); this many in a row stop the edit with an error.
+    export: scene formats of the result: `edited.ply` always, and `edited.spz`, `edited.splat`,
+    `edited.compressed.ply` beside it for "spz", "splat", "compressed-ply".
     """
 
     scene: str = MISSING
@@ -229,6 +237,7 @@ class EditConfig:
     profile: bool = False
     log_every: int = 10
     max_nonfinite_steps: int = 10
+    export: list[str] = field(default_factory=lambda: ["ply"])
     cameras: CameraConfig = field(default_factory=CameraConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -246,6 +255,16 @@ def load_edit_config(path: str | os.PathLike | None = None, overrides=()) -> Edi
     cfg = load_config(EditConfig, path, overrides)
     check_values(cfg)
     return cfg
+
+
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+        return True
+    except RuntimeError:
+        return False
 
 
 def check_values(cfg: EditConfig) -> None:
@@ -266,14 +285,30 @@ def check_values(cfg: EditConfig) -> None:
     need(len(c.elevation_range) == 2 and all(-90 < e < 90 for e in c.elevation_range),
          "cameras.elevation_range", f"must be [lo, hi] inside (-90, 90), got {c.elevation_range}")
     need(0 < c.fov_deg < 180, "cameras.fov_deg", f"must be in (0, 180), got {c.fov_deg}")
-    need(len(c.up) == 3, "cameras.up", f"must be [x, y, z], got {c.up}")
-    need(c.center is None or len(c.center) == 3, "cameras.center", f"must be [x, y, z], got {c.center}")
+    def vector_or(value, words) -> bool:
+        if isinstance(value, str):
+            return value in words
+        try:
+            return len(value) == 3 and all(math.isfinite(float(v)) for v in value)
+        except (TypeError, ValueError):
+            return False
+
+    need(vector_or(c.up, ("auto",)), "cameras.up", f"must be [x, y, z] or 'auto', got {c.up}")
+    need(c.center is None or vector_or(c.center, ("auto", "scene", "part")), "cameras.center",
+         f"must be 'auto', 'scene', 'part' or [x, y, z], got {c.center}")
     need(c.radius is None or c.radius > 0, "cameras.radius", f"must be positive, got {c.radius}")
     for key in ("width", "height"):
         v = getattr(c, key)
         need(v is None or v > 0, f"cameras.{key}", f"must be positive, got {v}")
     sources = ("auto", "mask_file", "labels", "property", "galp")
     need(cfg.segment.source in sources, "segment.source", f"must be one of {sources}, got {cfg.segment.source!r}")
+    need(cfg.device is None or _is_device(cfg.device), "device",
+         f"must be cpu, cuda, cuda:N or null (cuda when available), got {cfg.device!r}")
+    from gendistill.core.formats import SCENE_FORMATS
+
+    writable = [name for name, f in SCENE_FORMATS.items() if f.write]
+    bad = [fmt for fmt in cfg.export if fmt not in writable]
+    need(not bad, "export", f"{bad} cannot be written; scene formats: {', '.join(writable)}")
     need(cfg.prior_removal in ("dc", "all", "none"), "prior_removal",
          f"must be 'dc', 'all' or 'none', got {cfg.prior_removal!r}")
     need(cfg.sds_prompt in ("prompt+edit_prompt", "edit_prompt"), "sds_prompt",
@@ -289,8 +324,13 @@ def check_values(cfg: EditConfig) -> None:
     need(cfg.anchors.count >= 0, "anchors.count", f"must be >= 0, got {cfg.anchors.count}")
     need(cfg.report.grid_views >= 1 and cfg.report.turntable_frames >= 1, "report.grid_views/turntable_frames",
          "must be >= 1")
+    from gendistill.core.guidance import GUIDANCE
     from gendistill.core.guidance.load import guidance_options
+    from gendistill.registry import load_plugins
 
+    load_plugins()
+    kinds = ("auto", *sorted(GUIDANCE))
+    need(cfg.guidance.kind in kinds, "guidance.kind", f"must be one of {kinds}, got {cfg.guidance.kind!r}")
     known = guidance_options(cfg.guidance.kind) - {"resolution", "view_dependent", "reduction"}  # own keys here
     unknown = sorted(set(cfg.guidance.options) - known)
     need(not unknown, "guidance.options", f"unknown option(s) {', '.join(unknown)} for kind "

@@ -22,8 +22,8 @@ from gendistill.core.scene import GaussianScene
 from gendistill.splat_edit.edit_config import EditConfig, GuidanceConfig
 
 __all__ = [
-    "check_inputs", "load_scene", "make_cameras", "scene_radius", "camera_angles",
-    "visible_gaussians", "segment_part", "guidance_options", "load_edit_guidance",
+    "check_inputs", "load_scene", "resolve_ring", "estimate_up", "make_cameras", "scene_radius", "camera_angles",
+    "visible_gaussians", "part_coverage", "segment_part", "guidance_options", "load_edit_guidance",
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -73,21 +73,61 @@ def check_inputs(cfg: EditConfig) -> None:
 
 
 def load_scene(path: str | os.PathLike, device: torch.device) -> GaussianScene:
-    scene = GaussianScene.load_ply(path)
+    scene = GaussianScene.load(path)
     if len(scene) == 0:
         raise ValueError(f"scene {path} has no Gaussians")
     return scene.to(device)
 
 
+PART_RING_RATIO = 10.0  # cameras.center "auto": a ring around the part when the scene is this much larger
+
+
+def resolve_ring(cfg, scene: GaussianScene, mask: Tensor | None = None):
+    """`cfg` (a CameraConfig) with `center`, `radius` and `up` made concrete for this scene and part
+    mask [N] bool (None: not known yet, the scene stands for the part). Recorded as resolved in the
+    run's config, so the run can be repeated exactly."""
+    part = scene.subset(mask.cpu()) if mask is not None and bool(mask.any()) else scene
+    center = cfg.center
+    if center in (None, "auto"):
+        center = "part" if scene_radius(scene) > PART_RING_RATIO * scene_radius(part) else "scene"
+    if isinstance(center, str):
+        target = part if center == "part" else scene
+        point, size = target.center(0.01).double().cpu(), scene_radius(target)
+    else:
+        point = torch.tensor([float(v) for v in center], dtype=torch.float64)
+        size = scene_radius(scene)
+    up = cfg.up if not isinstance(cfg.up, str) else estimate_up(scene, load_cameras(cfg.path) if cfg.path else None)
+    return replace(cfg, center=point.tolist(), radius=cfg.radius or cfg.radius_factor * size,
+                   up=[float(v) for v in up])
+
+
+def estimate_up(scene: GaussianScene, cameras: Cameras | None = None) -> list[float]:
+    """World up: the mean of the cameras' up directions (OpenCV -y), else the scene's axis of least
+    spread (a ground), signed towards the longer tail of the points along it (things rise from it)."""
+    if cameras is not None:
+        up = -cameras.camtoworlds()[:, :3, 1].double().mean(0)
+        return (up / up.norm().clamp_min(1e-12)).tolist()
+    pts = scene.means.detach().double().cpu()
+    lo, hi = scene.bbox(0.01)
+    pts = pts[((pts >= lo.double().cpu()) & (pts <= hi.double().cpu())).all(1)]
+    d = pts - pts.mean(0)
+    axis = torch.linalg.eigh(d.T @ d).eigenvectors[:, 0]  # smallest eigenvalue first
+    skew = float(((d @ axis) ** 3).mean())
+    return (axis if skew >= 0 else -axis).tolist()
+
+
 def make_cameras(cfg, scene: GaussianScene) -> Cameras:
-    """The camera file (rescaled to width x height) or an orbit ring of n_azimuths x n_elevations views."""
+    """The camera file (rescaled to width x height) or an orbit ring of n_azimuths x n_elevations views.
+
+    `cfg`: a CameraConfig; one not yet resolved (`resolve_ring`) is resolved for the whole scene."""
+    if isinstance(cfg.center, str) or cfg.center is None or cfg.radius is None or isinstance(cfg.up, str):
+        cfg = resolve_ring(cfg, scene)
     if cfg.path is not None:
         cams = load_cameras(cfg.path)
         if cfg.width is not None and cfg.height is not None and (cams.width, cams.height) != (cfg.width, cfg.height):
             cams = cams.scaled(width=cfg.width, height=cfg.height)
         return cams
-    center = torch.tensor(cfg.center, dtype=torch.float64) if cfg.center is not None else scene.center(0.01).double().cpu()
-    radius = cfg.radius or cfg.radius_factor * scene_radius(scene)
+    center, radius = torch.tensor(cfg.center, dtype=torch.float64), cfg.radius
     lo, hi = cfg.elevation_range
     elevations = np.linspace(lo, hi, cfg.n_elevations) if cfg.n_elevations > 1 else [0.5 * (lo + hi)]
     rings = [orbit_path(center, radius, cfg.n_azimuths, elevation_deg=float(e), fov_deg=cfg.fov_deg,
@@ -119,6 +159,23 @@ def visible_gaussians(means: Tensor, cameras: Cameras, near: float = 0.01) -> Te
     cams = cameras.to(means.device, means.dtype)
     uv, z = cams.project(means)
     return (z > near) & (uv[..., 0] >= 0) & (uv[..., 0] < cams.width) & (uv[..., 1] >= 0) & (uv[..., 1] < cams.height)
+
+
+@torch.no_grad()
+def part_coverage(scene: GaussianScene, mask: Tensor, cameras: Cameras, *, size: int = 64, backend: str = "auto",
+                  chunk: int = 8) -> Tensor:
+    """[C] pixels of each view, rendered at `size` on its longer side, that the part dominates (over
+    half of the pixel's colour), occlusion by the rest of the scene included."""
+    from gendistill.core.render import rasterize
+
+    small = cameras.scaled(size / max(cameras.width, cameras.height)).to(scene.device, scene.means.dtype)
+    args = dict(scene.render_args(), colors=mask.to(scene.means)[:, None], sh_degree=None)
+    counts = []
+    for i in range(0, len(small), chunk):
+        c = small[i:i + chunk]
+        img, _, _ = rasterize(**args, viewmats=c.viewmats, Ks=c.Ks, width=c.width, height=c.height, backend=backend)
+        counts.append((img[..., 0] > 0.5).sum((1, 2)).cpu())
+    return torch.cat(counts)
 
 
 # ---------------------------------------------------------------------- segmentation

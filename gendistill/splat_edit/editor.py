@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gendistill.core.cameras import Cameras
+from gendistill.core.formats import SCENE_FORMATS, write_scene
 from gendistill.core.render import RestCache, render_part
 from gendistill.core.runtime import adam, resolve_device
 from gendistill.core.scene import GaussianScene
@@ -48,6 +49,8 @@ from gendistill.splat_edit.edit_inputs import (
     load_edit_guidance,
     load_scene,
     make_cameras,
+    part_coverage,
+    resolve_ring,
     scene_radius,
     segment_part,
     visible_gaussians,
@@ -204,6 +207,7 @@ class PartEditor:
     def __init__(self, scene: GaussianScene, mask: Tensor, cameras: Cameras, guidance, cfg: EditConfig):
         from gsplat.strategy import DefaultStrategy
 
+        cfg = replace(cfg, cameras=resolve_ring(cfg.cameras, scene, mask))  # concrete centre, radius, up
         self.cfg, self.scene, self.guidance, self.cameras = cfg, scene, guidance, cameras
         self.mask = mask.to(scene.device)
         self.device = scene.device
@@ -246,7 +250,7 @@ class PartEditor:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.noise_generator = (torch.Generator(device=guidance.device).manual_seed(cfg.seed)
                                 if guidance is not None else None)
-        center = torch.tensor(cfg.cameras.center) if cfg.cameras.center is not None else scene.center(0.01).cpu()
+        center = torch.tensor(cfg.cameras.center)
         self.azimuth, self.elevation = camera_angles(cameras, center, cfg.cameras.up, cfg.cameras.front_azimuth_deg)
         self.anchors: Anchors | None = None
         self._cond_latents: dict[int, Tensor] = {}
@@ -509,14 +513,25 @@ def prepare_edit(cfg: EditConfig, *, progress: bool = True) -> tuple[PartEditor,
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     scene = load_scene(cfg.scene, device)
-    cameras = make_cameras(cfg.cameras, scene)
+    first = resolve_ring(cfg.cameras, scene)  # the part is not known yet: 3D-GALP segments from these views
+    cameras = make_cameras(first, scene)
     seen = visible_gaussians(scene.means, cameras)
     if not bool(seen.any()):
         raise ValueError(f"no Gaussian of {cfg.scene} is in view of any of the {len(cameras)} cameras "
                          "(check cameras.path / radius / center / up)")
     mask = segment_part(scene, cfg, cameras, work_dir=Path(cfg.out) / "segment", progress=progress)
-    if not bool(seen[:, mask].any()):
-        raise ValueError(f"part {cfg.part!r} ({int(mask.sum())} Gaussians) is in view of none of the cameras")
+    cfg = replace(cfg, cameras=resolve_ring(cfg.cameras, scene, mask))
+    if cfg.cameras != first:
+        cameras = make_cameras(cfg.cameras, scene)
+    if not bool(part_coverage(scene, mask, cameras, backend=cfg.backend).any()):  # occlusion counts
+        c, part = cfg.cameras, scene.subset(mask.cpu())
+        where = "the camera file" if c.path else (f"a ring of radius {c.radius:.3g} around "
+                                                  f"[{', '.join(f'{v:.3g}' for v in c.center)}]")
+        raise ValueError(f"part {cfg.part!r} ({int(mask.sum())} Gaussians, centre "
+                         f"[{', '.join(f'{v:.3g}' for v in part.center(0.01).tolist())}], radius "
+                         f"{scene_radius(part):.3g}; the scene's radius is {scene_radius(scene):.3g}) is in view of "
+                         f"none of the {len(cameras)} cameras ({where}), or hidden in all; set cameras.center=part "
+                         "for a ring around the part, or cameras.radius (and cameras.up) to frame it")
     bad = [v for v in (cfg.anchors.views or []) if not 0 <= v < len(cameras)]
     if bad:
         raise ValueError(f"anchors.views {bad} are not camera indices (0..{len(cameras) - 1})")
@@ -544,6 +559,7 @@ def run_edit(cfg: EditConfig, *, callback: Callable[[PartEditor, dict], None] | 
 
     t_start = time.perf_counter()
     editor, method = prepare_edit(cfg, progress=progress)
+    cfg = editor.cfg  # the ring's centre, radius and up made concrete
     scene, guidance = editor.scene, editor.guidance
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -574,6 +590,12 @@ def run_edit(cfg: EditConfig, *, callback: Callable[[PartEditor, dict], None] | 
         t_end = time.perf_counter()
         edited = editor.edited_scene()
         scene_path = edited.save_ply(out / "edited.ply")
+        exported = {"ply": str(scene_path)}
+        for fmt in dict.fromkeys(cfg.export):  # the other formats asked for, beside it
+            if fmt != "ply":
+                path = out / f"edited{SCENE_FORMATS[fmt].suffixes[0]}"
+                write_scene(edited, path, fmt)
+                exported[fmt] = str(path)
         summary = {
             "scene": str(cfg.scene), "part": cfg.part, "prompt": cfg.prompt, "edit_prompt": cfg.edit_prompt,
             "steps_planned": cfg.steps, "steps": editor.step_count, "interrupted": interrupted,
@@ -585,7 +607,7 @@ def run_edit(cfg: EditConfig, *, callback: Callable[[PartEditor, dict], None] | 
                           "removed_background": removed_bg},
             "anchor_views": anchors.views if anchors is not None else [], "anchor_method": method,
             "guidance": {"kind": guidance.kind, "model": str(cfg.guidance.model)},
-            "device": str(editor.device), "config": asdict(cfg),
+            "device": str(editor.device), "exported": exported, "config": asdict(cfg),
         }
         report.write_summary(out, summary)  # a complete, loadable result exists from here on
         summary = report.write_report(out, cfg, editor, summary, t_start)

@@ -111,8 +111,8 @@ def turntable_cameras(cfg, scene, n: int):
     """An orbit of n views around the ring's centre at the report elevation, the ring's size."""
     from gendistill.splat_edit.edit_inputs import scene_radius
 
-    c = cfg.cameras
-    center = torch.tensor(c.center, dtype=torch.float64) if c.center is not None else scene.center(0.01).double().cpu()
+    c = cfg.cameras  # resolved by the editor: concrete centre and radius
+    center = torch.tensor(c.center, dtype=torch.float64)
     radius = c.radius or c.radius_factor * scene_radius(scene)
     elevation = cfg.report.elevation_deg if cfg.report.elevation_deg is not None else sum(c.elevation_range) / 2
     return center, orbit_path(center, radius, n, elevation_deg=elevation, fov_deg=c.fov_deg,

@@ -124,7 +124,7 @@ def segment(scene_path: str | Path, parts: Sequence[str], out: str | Path, *, ma
     config = config or GALPConfig()
     device = resolve_device(device)
     out = Path(out)
-    scene = GaussianScene.load_ply(scene_path).to(device)
+    scene = GaussianScene.load(scene_path).to(device)
     if masks_dir is not None:
         pm = get_part_masks("files", scene, parts, path=masks_dir)
     else:
