@@ -61,19 +61,23 @@ def _flip_yz(means: np.ndarray, quats: np.ndarray, sh: np.ndarray) -> tuple[np.n
 
 def _to_scene(data, path: Path, flip_yz: bool = False) -> GaussianScene:
     """gsply's GSData (PLY conventions: log scales, logit opacities, SH) -> GaussianScene;
-    `flip_yz`: the data is in RUB axes (SPZ), turned to RDF."""
-    f32 = lambda a: np.array(a, dtype=np.float32)  # noqa: E731  (a copy: gsply may hand out views)
+    `flip_yz`: the data is in RUB axes (SPZ), turned to RDF. One copy of each array (gsply may hand
+    out views of its buffers), the flip done in place."""
+    f32 = lambda a: np.array(a, dtype=np.float32)  # noqa: E731
     means, quats = f32(data.means), f32(data.quats)
-    sh0 = f32(data.sh0)[:, None]
-    shn = f32(data.shN) if data.shN is not None and np.size(data.shN) else None
-    sh = np.concatenate([sh0, shn.reshape(len(sh0), -1, 3)], axis=1) if shn is not None else sh0
+    n, rest = len(means), (np.asarray(data.shN).reshape(len(means), -1, 3) if data.shN is not None
+                           and np.size(data.shN) else np.empty((len(means), 0, 3), np.float32))
+    sh = np.empty((n, 1 + rest.shape[1], 3), np.float32)
+    sh[:, 0], sh[:, 1:] = data.sh0, rest
     if flip_yz:
-        means, quats, sh = _flip_yz(means, quats, sh)
+        means *= _FLIP_YZ_MEANS
+        quats *= _FLIP_YZ_QUATS
+        sh *= _FLIP_YZ_SH[: sh.shape[1], None]
     out = {"means": means, "quats": quats, "log_scales": f32(data.scales), "opacity_logits": f32(data.opacities),
            "sh": sh}
-    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    out = {k: torch.from_numpy(v) for k, v in out.items()}
     for name, t in out.items():
-        if not torch.isfinite(t).all():
+        if not torch.isfinite(t.sum(dim=0, dtype=torch.float64)).all():  # float64: finite floats never overflow
             raise SceneFormatError(f"{path}: {int((~torch.isfinite(t)).sum())} NaN/Inf value(s) in {name}")
     return GaussianScene(**out)
 
