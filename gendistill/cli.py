@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from gendistill.plan import add_plan_parser, run_plan
-from gendistill.splat_edit.edit_cli import add_edit_parser
+from gendistill.splat_edit.edit_cli import add_edit_batch_parser, add_edit_parser
 from gendistill.splat_edit.segment import add_parser as add_segment_parser
 from gendistill.video_distill.cli import add_finetune_parser, add_generate_parser
 
@@ -122,6 +122,7 @@ def build_parser(key_lists: bool = True) -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_segment_parser(sub)
     add_edit_parser(sub)
+    add_edit_batch_parser(sub)
     add_plan_parser(sub)
     for name in ("edit", "finetune"):  # plan this command line instead of running it
         sub.choices[name].add_argument("--dry-run", action="store_true",

@@ -275,6 +275,7 @@ def no_work(monkeypatch, tmp_path):
     `tmp_path`; returns the files the fuzzed flags point to."""
     import gendistill.batch_render as batch_render
     import gendistill.plan as plan
+    import gendistill.splat_edit.edit_batch as edit_batch
     import gendistill.splat_edit.editor as editor
     import gendistill.splat_edit.segment as segment
     import gendistill.video_distill.generate as generate
@@ -285,10 +286,11 @@ def no_work(monkeypatch, tmp_path):
         raise Started
 
     monkeypatch.setattr(editor, "run_edit", _started)
+    monkeypatch.setattr(edit_batch, "run_rows", _started)  # after every manifest row's checks
     monkeypatch.setattr(trainer, "finetune", finetune)
     monkeypatch.setattr(plan, "_plan_edit", _started)
     monkeypatch.setattr(plan, "_plan_finetune", _started)
-    monkeypatch.setattr(batch_render.GaussianScene, "load_ply", staticmethod(_started))  # after the job's checks
+    monkeypatch.setattr(batch_render.GaussianScene, "load", staticmethod(_started))  # after the job's checks
     monkeypatch.setattr(generate, "load_video_pipeline", _started)
     monkeypatch.setattr(segment, "segment", _started)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --no-progress sets it
@@ -338,7 +340,7 @@ def command_lines(draw, files: list[str]) -> list[str]:
             value = _mostly(draw, st.floats().map(str), ODD_VALUES)
         elif action.dest == "config":
             value = _mostly(draw, st.sampled_from(CONFIGS[kind]).map(str), config)
-        elif action.dest in ("scene", "scenes", "prompts", "cameras", "masks"):
+        elif action.dest in ("scene", "scenes", "prompts", "cameras", "masks", "manifest"):
             value = _mostly(draw, paths, ODD_VALUES)
         else:
             value = draw(ODD_VALUES)
@@ -361,7 +363,8 @@ def command_lines(draw, files: list[str]) -> list[str]:
 def _names_in(argv: list[str], files: list[str]) -> list[str]:
     """What an error about `argv` may name: its flags (with or without dashes), its override keys and the
     files it points to; the positional key=value list is named `overrides`."""
-    names = ["overrides"] if argv[0] in ("edit", "finetune", "plan") else []
+    names = ["overrides"] if argv[0] in ("edit", "edit-batch", "finetune", "plan") else []
+    names += ["manifest"] if argv[0] == "edit-batch" else []  # its errors start `manifest FILE`
     names += ["input", "output"] if argv[0] == "convert" else []  # its positional arguments
     for token in argv[1:]:
         if token.startswith("--"):
