@@ -48,7 +48,6 @@ def run_edit_command(args) -> int:
     return {"SIGINT": 130, "SIGTERM": 143}.get(result.summary["interrupted"], 0)
 
 
-
 def add_edit_batch_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `edit-batch` command to an argparse subparsers object."""
     p = subparsers.add_parser(
