@@ -61,9 +61,9 @@ def _flip_yz(means: np.ndarray, quats: np.ndarray, sh: np.ndarray) -> tuple[np.n
 
 def _to_scene(data, path: Path, flip_yz: bool = False) -> GaussianScene:
     """gsply's GSData (PLY conventions: log scales, logit opacities, SH) -> GaussianScene;
-    `flip_yz`: the data is in RUB axes (SPZ), turned to RDF. One copy of each array (gsply may hand
-    out views of its buffers), the flip done in place."""
-    f32 = lambda a: np.array(a, dtype=np.float32)  # noqa: E731
+    `flip_yz`: the data is in RUB axes (SPZ), turned to RDF. gsply's arrays are taken over as they
+    are (float32, contiguous: no copy; the flip is done in place), only the SH are put together anew."""
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     means, quats = f32(data.means), f32(data.quats)
     n, rest = len(means), (np.asarray(data.shN).reshape(len(means), -1, 3) if data.shN is not None
                            and np.size(data.shN) else np.empty((len(means), 0, 3), np.float32))
