@@ -14,8 +14,8 @@
 
 A file's format is found from its first bytes where a format's signature matches (so an SPZ named
 `.ply` still reads as SPZ), else from its suffix; a file named for a format with a signature it
-lacks is an error naming both. Other packages add
-formats with `@SCENE_FORMATS.register(name)` on a `SceneFormat` (see `gendistill.registry`).
+lacks is an error naming both. Other packages add formats with `@SCENE_FORMATS.register(name)` on
+a `SceneFormat` (see `gendistill.registry`).
 """
 
 from __future__ import annotations

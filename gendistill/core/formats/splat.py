@@ -36,9 +36,7 @@ def read_splat(path: Path) -> tuple[GaussianScene, list[str]]:
             raise SceneFormatError(f"{path}: {int((~np.isfinite(arr)).any(1).sum())} record(s) with a NaN/Inf {name}")
     if (scales <= 0).any():
         raise SceneFormatError(f"{path}: {int((scales <= 0).any(1).sum())} record(s) with a scale <= 0")
-    quats = (rec["rotation"].astype(np.float32) - 128.0) / 128.0
-    zero = np.linalg.norm(quats, axis=1) < 1e-6
-    quats[zero] = (1.0, 0.0, 0.0, 0.0)  # a degenerate rotation byte pattern: identity
+    quats = (rec["rotation"].astype(np.float32) - 128.0) / 128.0  # all 128: zero, made the identity by read_scene
     rgba = rec["rgba"].astype(np.float32) / 255.0  # as viewers read it
     alpha = torch.from_numpy(rgba[:, 3]).clamp(0.5 / 255, 1 - 0.5 / 255)  # a finite logit
     scene = GaussianScene(
@@ -46,8 +44,6 @@ def read_splat(path: Path) -> tuple[GaussianScene, list[str]]:
         opacity_logits=torch.logit(alpha), sh=rgb_to_sh(torch.from_numpy(rgba[:, :3]))[:, None])
     notes = [".splat: colour and opacity 8 bits, rotations 8 bits per component; no higher SH orders "
              "(view-dependent colour is lost: degree 0)"]
-    if zero.any():
-        notes.append(f".splat: {int(zero.sum())} zero rotation(s) read as the identity")
     return scene, notes
 
 
