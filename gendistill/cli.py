@@ -77,6 +77,24 @@ def _run_convert(args) -> None:
     print(f"wrote {args.output} ({fmt}, {len(scene):,} Gaussians, SH degree {scene.sh_degree})")
 
 
+def _add_view(sub) -> None:
+    p = sub.add_parser("view", help="look at splat scenes in a local web viewer (viser; offline)")
+    p.add_argument("scenes", nargs="+", help="scene files (any format); the first is shown first")
+    p.add_argument("--labels", default=None, help="labelled PLY (a `part` property or a label field) for the parts")
+    p.add_argument("--masks3d", default=None, help="folder of <part>.npy 3D masks, instead of --labels")
+    p.add_argument("--cameras", default=None, help="camera file to show as frustums (COLMAP, transforms.json, ...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: other machines too)")
+    p.add_argument("--port", type=int, default=8080, help="port; the next free one when it is in use")
+    p.set_defaults(run=lambda args: view(args.scenes, labels=args.labels, masks3d=args.masks3d,
+                                         cameras=args.cameras, host=args.host, port=args.port))
+
+
+def view(*args, **kwargs) -> int:
+    from gendistill.viewer.view import view as serve
+
+    return serve(*args, **kwargs)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -118,6 +136,7 @@ def build_parser(key_lists: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_render(sub)
     _add_convert(sub)
+    _add_view(sub)
     add_finetune_parser(sub)
     add_generate_parser(sub)
     add_segment_parser(sub)

@@ -280,6 +280,7 @@ def no_work(monkeypatch, tmp_path):
     import gendistill.splat_edit.segment as segment
     import gendistill.video_distill.generate as generate
     import gendistill.video_distill.trainer as trainer
+    import gendistill.viewer.view as view
 
     def finetune(cfg):
         check_config(cfg)  # what the trainer checks before it builds anything
@@ -293,6 +294,7 @@ def no_work(monkeypatch, tmp_path):
     monkeypatch.setattr(batch_render.GaussianScene, "load", staticmethod(_started))  # after the job's checks
     monkeypatch.setattr(generate, "load_video_pipeline", _started)
     monkeypatch.setattr(segment, "segment", _started)
+    monkeypatch.setattr(view, "start_viewer", _started)  # after the scenes, parts and cameras are checked
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --no-progress sets it
     monkeypatch.chdir(tmp_path)
     files = {"broken.yaml": "steps: [1\n", "list.yaml": "- 1\n- 2\n", "empty.yaml": "", "prompts.txt": "a ball\n",
@@ -340,7 +342,7 @@ def command_lines(draw, files: list[str]) -> list[str]:
             value = _mostly(draw, st.floats().map(str), ODD_VALUES)
         elif action.dest == "config":
             value = _mostly(draw, st.sampled_from(CONFIGS[kind]).map(str), config)
-        elif action.dest in ("scene", "scenes", "prompts", "cameras", "masks", "manifest"):
+        elif action.dest in ("scene", "scenes", "prompts", "cameras", "masks", "manifest", "labels", "masks3d"):
             value = _mostly(draw, paths, ODD_VALUES)
         else:
             value = draw(ODD_VALUES)
