@@ -97,6 +97,7 @@ def test_outputs_summary_and_report_links(run):
         assert len(other) == len(edited)
         assert torch.allclose(other.means.sort(0).values, edited.means.sort(0).values, atol=1e-3)
     page = (run / "report.html").read_text()
+    assert f"gendistill view {SCENE} edited.ply --masks3d masks3d" in page  # the viewer, for this run folder
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert "turntable.mp4" in refs and "edited.ply" in refs and any(r.startswith("anchors/") for r in refs)
     for ref in refs:

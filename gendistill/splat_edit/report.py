@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -310,6 +311,8 @@ def _html(summary: dict, ranges: dict) -> str:
         anchors += (f"<h2>3D-GALP segmentation (label masks over the views)</h2>"
                     f'<img src="{e(f["segmentation"])}" alt="segmentation">')
     links = " &middot; ".join(f'<a href="{e(v)}">{e(v)}</a>' for k, v in f.items() if k != "anchors")
+    viewer = (f"gendistill view {shlex.quote(str(summary['scene']))} edited.ply "
+              f"--masks3d masks3d   # run in this folder; open the address it prints")
     turntable = (f'<video src="{e(f["turntable"])}" controls loop autoplay muted></video>' if "turntable" in f else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>gendistill edit: {e(summary['part'])}</title>
@@ -332,5 +335,6 @@ table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: 4px 
 <p>{legend} (each series scaled to its own range)</p>
 <img src="{e(f['loss_curve'])}" alt="loss curve">
 <h2>Files</h2><p>{links}</p>
+<h2>Look at it from every side</h2><p><code>{e(viewer)}</code></p>
 </body></html>
 """
