@@ -85,8 +85,10 @@ def _add_view(sub) -> None:
     p.add_argument("--cameras", default=None, help="camera file to show as frustums (COLMAP, transforms.json, ...)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: other machines too)")
     p.add_argument("--port", type=int, default=8080, help="port; the next free one when it is in use")
+    p.add_argument("--colour", default="", help="parts coloured from the start, comma-separated (e.g. hat)")
     p.set_defaults(run=lambda args: view(args.scenes, labels=args.labels, masks3d=args.masks3d,
-                                         cameras=args.cameras, host=args.host, port=args.port))
+                                         cameras=args.cameras, host=args.host, port=args.port,
+                                         coloured=[c for c in args.colour.split(",") if c]))
 
 
 def view(*args, **kwargs) -> int:

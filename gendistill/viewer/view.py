@@ -76,42 +76,63 @@ def load_parts(scene: GaussianScene, labels: str | os.PathLike | None = None,
 
 
 def start_viewer(scenes: dict[str, GaussianScene], *, parts: dict[str, np.ndarray] | None = None,
-                 cameras: Cameras | None = None, host: str = "127.0.0.1", port: int = 8080):
-    """Serve the scenes; returns (viser server, the URL). A port in use: the next free one, said."""
+                 cameras: Cameras | None = None, host: str = "127.0.0.1", port: int = 8080,
+                 coloured: Sequence[str] = ()):
+    """Serve the scenes; returns (viser server, the URL). A port in use: the next free one, said.
+    `coloured`: parts whose colour is on from the start."""
     import viser
 
+    parts = parts or {}
+    unknown = sorted(set(coloured) - set(parts))
+    if unknown:
+        raise ValueError(f"--colour: no part {', '.join(unknown)} (parts: {', '.join(parts) or 'none'})")
     server = viser.ViserServer(host=host, port=port, verbose=False)
     url = f"http://{host}:{server.get_port()}"
     if server.get_port() != port:
         print(f"port {port} is in use; the viewer is at {url}")
-    parts = parts or {}
-    nodes: dict[str, dict] = {}
+    nodes: dict[str, dict] = {}  # scene -> {"rest": node, "plain": {part: node}, "coloured": {part: node}}
     for k, (name, scene) in enumerate(scenes.items()):
         arrays = splat_arrays(scene)
-        nodes[name] = {"plain": server.scene.add_gaussian_splats(f"/scenes/{k}", **arrays, visible=k == 0),
-                       "parts": {}}
-        for j, (part, mask) in enumerate(parts.items()):
-            if len(mask) != len(scene):
-                continue  # the labels describe another scene (e.g. the input, not the edit)
-            coloured = {key: value[mask] for key, value in arrays.items()}
-            coloured["rgbs"] = np.broadcast_to(PALETTE[j % len(PALETTE)], coloured["rgbs"].shape).copy()
-            nodes[name]["parts"][part] = server.scene.add_gaussian_splats(f"/scenes/{k}/parts/{j}", **coloured,
-                                                                          visible=False)
+        own = {part: mask for part, mask in parts.items() if len(mask) == len(scene)}  # labels of this scene
+        rest = ~np.any(np.stack(list(own.values())), axis=0) if own else np.ones(len(scene), bool)
+        node = {"rest": server.scene.add_gaussian_splats(f"/scenes/{k}/rest", **_subset(arrays, rest)),
+                "plain": {}, "coloured": {}}
+        for j, (part, mask) in enumerate(own.items()):
+            node["plain"][part] = server.scene.add_gaussian_splats(f"/scenes/{k}/plain/{j}", **_subset(arrays, mask))
+            coloured_arrays = _subset(arrays, mask)
+            coloured_arrays["rgbs"] = np.broadcast_to(PALETTE[j % len(PALETTE)], coloured_arrays["rgbs"].shape).copy()
+            node["coloured"][part] = server.scene.add_gaussian_splats(f"/scenes/{k}/coloured/{j}", **coloured_arrays)
+        nodes[name] = node
     shown = server.gui.add_dropdown("scene", tuple(scenes), initial_value=next(iter(scenes)))
-    toggles = {part: server.gui.add_checkbox(f"colour {part}", False) for part in parts}
+    toggles = {part: server.gui.add_checkbox(f"colour {part}", part in coloured) for part in parts}
 
     def refresh(_=None) -> None:
         for name, node in nodes.items():
-            node["plain"].visible = name == shown.value
-            for part, handle in node["parts"].items():
-                handle.visible = name == shown.value and toggles[part].value
+            node["rest"].visible = name == shown.value
+            for part in node["plain"]:
+                node["plain"][part].visible = name == shown.value and not toggles[part].value
+                node["coloured"][part].visible = name == shown.value and toggles[part].value
 
     shown.on_update(refresh)
     for toggle in toggles.values():
         toggle.on_update(refresh)
+    refresh()
     if cameras is not None:
         _add_frustums(server, cameras)
+    first = next(iter(scenes.values()))
+    centre, radius = first.center(0.01).double().cpu().numpy(), float((lambda b: (b[1] - b[0]).norm())(first.bbox(0.01)))
+
+    @server.on_client_connect
+    def _frame(client) -> None:  # each new page starts looking at the first scene (z up, as the ring)
+        client.camera.up_direction = (0.0, 0.0, 1.0)
+        client.camera.position = centre + radius * np.array([1.2, 0.0, 0.35])
+        client.camera.look_at = centre
+
     return server, url
+
+
+def _subset(arrays: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {key: value[mask] for key, value in arrays.items()}
 
 
 def _add_frustums(server, cameras: Cameras) -> None:
@@ -132,7 +153,8 @@ def _add_frustums(server, cameras: Cameras) -> None:
         frustum.on_click(jump)
 
 
-def view(scene_paths: Sequence[str], *, labels=None, masks3d=None, cameras=None, host="127.0.0.1", port=8080):
+def view(scene_paths: Sequence[str], *, labels=None, masks3d=None, cameras=None, host="127.0.0.1", port=8080,
+         coloured: Sequence[str] = ()):
     """The `gendistill view` command: load, check, serve until Ctrl-C."""
     import time
 
@@ -142,7 +164,7 @@ def view(scene_paths: Sequence[str], *, labels=None, masks3d=None, cameras=None,
         scenes[name] = GaussianScene.load(p)
     parts = load_parts(next(iter(scenes.values())), labels, masks3d)
     cams = load_cameras(cameras) if cameras is not None else None
-    server, url = start_viewer(scenes, parts=parts, cameras=cams, host=host, port=port)
+    server, url = start_viewer(scenes, parts=parts, cameras=cams, host=host, port=port, coloured=coloured)
     print(f"viewer: {url} (Ctrl-C stops it)")
     try:
         while True:
