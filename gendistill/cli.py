@@ -86,15 +86,20 @@ def _add_view(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: other machines too)")
     p.add_argument("--port", type=int, default=8080, help="port; the next free one when it is in use")
     p.add_argument("--colour", default="", help="parts coloured from the start, comma-separated (e.g. hat)")
+    p.add_argument("--out", default="selection", help="where \"save part\" writes masks3d/<part>.npy and labelled.ply")
+    p.add_argument("--backend", default="auto", help="render backend of picking and the render panel")
     p.set_defaults(run=lambda args: view(args.scenes, labels=args.labels, masks3d=args.masks3d,
                                          cameras=args.cameras, host=args.host, port=args.port,
-                                         coloured=[c for c in args.colour.split(",") if c]))
+                                         coloured=[c for c in args.colour.split(",") if c], out=args.out,
+                                         backend=args.backend))
 
 
 def view(*args, **kwargs) -> int:
+    """The viewer, with 3D-GALP's label fields read and written (the plugins do not import each other)."""
+    from gendistill.splat_edit.galp import labelled_from_masks, masks_from_scene
     from gendistill.viewer.view import view as serve
 
-    return serve(*args, **kwargs)
+    return serve(*args, read_label_field=masks_from_scene, write_labelled=labelled_from_masks, **kwargs)
 
 
 def _version() -> str:

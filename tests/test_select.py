@@ -8,7 +8,7 @@ import torch
 from gendistill.core.cameras import orbit_path
 from gendistill.core.render import rasterize
 from gendistill.core.scene import GaussianScene
-from gendistill.viewer.select import grow, pick, pixel_weights
+from gendistill.viewer.select import client_camera, combine, grow, pick, pick_box, pixel_weights
 
 SCENE = GaussianScene.load(Path(__file__).parents[1] / "assets" / "scenes" / "snowman.ply")
 PARTS = SCENE.extras["part"]  # body 0, head 1, nose 2, hat 3
@@ -54,3 +54,35 @@ def test_growing_without_labels_follows_one_colour():
 def test_a_pixel_outside_the_view_is_an_error():
     with pytest.raises(ValueError, match=r"outside the 96x96 view"):
         pick(SCENE, CAMS[0], [(96, 10)])
+
+
+def test_a_browser_camera_is_the_pinhole_camera_it_came_from():
+    import viser.transforms as vtf  # how viser itself turns a rotation into the wxyz a client reports
+
+    c2w = CAMS[1].camtoworlds()[0].double().numpy()
+    wxyz = vtf.SO3.from_matrix(c2w[:3, :3]).wxyz
+    fov = 2 * torch.atan(torch.tensor(48.0) / CAMS.Ks[0, 1, 1]).item()  # vertical, radians
+    cam = client_camera(c2w[:3, 3], wxyz, fov, 96, 96)
+    torch.testing.assert_close(cam.viewmats, CAMS[1].viewmats.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cam.Ks, CAMS[1].Ks.float(), atol=1e-4, rtol=0)
+
+
+def test_a_box_takes_the_visible_gaussians_inside_it():
+    uv, depth = CAMS[0].project(SCENE.means)
+    u, v = uv[0].unbind(-1)
+    box = (30, 10, 66, 40)  # the top of the snowman seen from the front
+    got = pick_box(SCENE, CAMS[0], box)
+    inside = (u >= 30) & (u < 67) & (v >= 10) & (v < 41)
+    assert got.any() and not (got & ~inside).any()  # nothing outside the box
+    front, back = pick_box(SCENE, CAMS[0], (0, 0, 95, 95)), pick_box(SCENE, CAMS[2], (0, 0, 95, 95))
+    nose = PARTS == 2
+    assert (front & nose).sum() > 0.25 * nose.sum() and not (back & nose).any()  # its surface; none from behind
+
+
+def test_combine_replaces_adds_and_subtracts():
+    a, b = torch.tensor([1, 1, 0, 0], dtype=torch.bool), torch.tensor([0, 1, 1, 0], dtype=torch.bool)
+    assert combine(a, b, "replace").tolist() == [False, True, True, False]
+    assert combine(a, b, "add").tolist() == [True, True, True, False]
+    assert combine(a, b, "subtract").tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="selection mode must be one of"):
+        combine(a, b, "xor")

@@ -63,7 +63,7 @@ __all__ = [
     "view_labels", "weighted_view_mean", "codes_within", "view_contributions", "label_softness", "romap_softness",
     "select_anchors", "knn_indices", "knn_query", "neighbor_loss", "romap_neighbor_loss", "masks_3d", "masks_2d",
     "contribution_weights", "vote_masks", "mask_iou",
-    "train_label_field", "labelled_scene", "masks_from_scene",
+    "train_label_field", "labelled_scene", "labelled_from_masks", "masks_from_scene",
 ]
 
 # RoMaP's first colour codes; later parts get seeded random colours
@@ -696,6 +696,22 @@ def labelled_scene(scene: GaussianScene, label_sh: Tensor, certainty: Tensor | N
     out.comments = keep + [f"{LABEL_PARTS_KEY}: {json.dumps(list(parts))}",
                            f"label_colors: {json.dumps([[round(float(v), 6) for v in c] for c in cols])}"]
     return out
+
+
+def labelled_from_masks(scene: GaussianScene, masks: dict[str, Tensor | np.ndarray]) -> GaussianScene:
+    """A copy of `scene` with a degree-0 label field holding hard 3D masks {part: [N] bool} (the
+    first listed part wins an overlap): each part's Gaussians take its code, the rest black, so
+    `masks_from_scene` gives the masks back. For parts picked by hand (`gendistill view`)."""
+    codes = part_colors(len(masks))
+    target = torch.zeros(len(scene), 3)
+    free = torch.ones(len(scene), dtype=torch.bool)
+    for code, (name, mask) in zip(codes, masks.items()):
+        mask = torch.as_tensor(np.asarray(mask.cpu() if torch.is_tensor(mask) else mask, bool))
+        if mask.shape != (len(scene),):
+            raise ValueError(f"mask of part {name!r} has shape {list(mask.shape)}, the scene {len(scene)} Gaussians")
+        target[mask & free], free = code, free & ~mask
+    label_sh = ((target - 0.5) / SH_C0)[:, None, :]  # [N, 1, 3]: DC * SH_C0 + 0.5 = the code
+    return labelled_scene(scene, label_sh, None, list(masks), codes)
 
 
 def masks_from_scene(scene: GaussianScene, parts: Sequence[str] | None = None, *, cameras: Cameras | None = None,

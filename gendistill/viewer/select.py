@@ -1,6 +1,6 @@
 """The Gaussians a click (or a box) selects: those carrying the compositing weight at the picked
-pixels, grown to the part they belong to. The viewer's click handler calls `pick` and `grow`; tests
-call them directly.
+pixels, grown to the part they belong to. The viewer's click and box handlers call `client_camera`,
+`pick` / `pick_box`, `grow` and `combine`; tests call them directly.
 
     weights = pixel_weights(scene, camera, [(120, 80)])          # [N] compositing weight at the click
     seed = weights >= 0.5 * weights.max()                         # the Gaussians that make that pixel
@@ -9,6 +9,7 @@ call them directly.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -18,7 +19,9 @@ from gendistill.core.cameras import Cameras
 from gendistill.core.render import rasterize
 from gendistill.core.scene import GaussianScene
 
-__all__ = ["pixel_weights", "pick", "grow"]
+__all__ = ["pixel_weights", "pick", "grow", "pick_box", "combine", "client_camera", "SELECT_MODES"]
+
+SELECT_MODES = ("replace", "add", "subtract")
 
 
 def pixel_weights(scene: GaussianScene, camera: Cameras, pixels: Sequence[tuple[int, int]] | Tensor, *,
@@ -50,8 +53,8 @@ def grow(scene: GaussianScene, seed: Tensor, *, labels: Tensor | None = None, k:
          color_tolerance: float = 0.2, max_rounds: int = 200) -> Tensor:
     """[N] bool: `seed` [N] bool grown to its part.
 
-    With `labels` [N] (a label field's argmax, or integer part ids): every Gaussian sharing the
-    seed's majority label. Without: region growing over the k-nearest-neighbour graph of the centres,
+    With `labels` [N] (integer part ids, -1 for none): every Gaussian sharing the seed's majority
+    label, when that is a part. Without: region growing over the k-nearest-neighbour graph of the centres,
     across an edge only where the two colours (SH DC as RGB) differ by at most `color_tolerance`: a
     surface of one colour is taken whole, and the growth stops where the colour changes (a black hat
     on a white head).
@@ -63,7 +66,9 @@ def grow(scene: GaussianScene, seed: Tensor, *, labels: Tensor | None = None, k:
         return seed
     if labels is not None:
         labels = labels.detach().cpu()
-        return labels == torch.mode(labels[seed]).values
+        label = torch.mode(labels[seed]).values
+        if label >= 0:  # negative: no part there; grow by colour instead
+            return labels == label
     pts = scene.means.detach().cpu().double().numpy()
     rgb = scene.colors_rgb().detach().cpu()
     _, nbr = cKDTree(pts).query(pts, k=min(k + 1, len(pts)))
@@ -78,3 +83,47 @@ def grow(scene: GaussianScene, seed: Tensor, *, labels: Tensor | None = None, k:
         selected[new] = True
         frontier = new
     return selected
+
+
+def pick_box(scene: GaussianScene, camera: Cameras, box: tuple[int, int, int, int], *, min_weight: float = 0.02,
+             backend: str = "auto") -> Tensor:
+    """[N] bool: the visible Gaussians whose centre projects into `box` (x0, y0, x1, y1 pixels, ends
+    included) of the first camera: a compositing weight of at least `min_weight` at some pixel of the
+    box (so what is hidden behind the front surface is not taken)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    cam = camera[0:1]
+    x0, x1 = sorted((max(0, min(x0, cam.width - 1)), max(0, min(x1, cam.width - 1))))
+    y0, y1 = sorted((max(0, min(y0, cam.height - 1)), max(0, min(y1, cam.height - 1))))
+    step = max(1, (max(x1 - x0, y1 - y0) + 1) // 64)  # at most ~64 x 64 pixels, one backward pass
+    ys, xs = torch.meshgrid(torch.arange(y0, y1 + 1, step), torch.arange(x0, x1 + 1, step), indexing="ij")
+    visible = pixel_weights(scene, cam, torch.stack([xs.flatten(), ys.flatten()], -1), backend=backend).cpu()
+    uv, depth = cam.to("cpu", torch.float32).project(scene.means.detach().cpu().float())
+    u, v = uv[0].unbind(-1)
+    inside = (u >= x0) & (u < x1 + 1) & (v >= y0) & (v < y1 + 1) & (depth[0] > 0)
+    return inside & (visible >= min_weight * step * step)
+
+
+def combine(current: Tensor, new: Tensor, mode: str) -> Tensor:
+    """The selection after a click or box in `mode`: "replace", "add" (union) or "subtract"."""
+    if mode == "replace":
+        return new.clone()
+    if mode == "add":
+        return current | new
+    if mode == "subtract":
+        return current & ~new
+    raise ValueError(f"selection mode must be one of {SELECT_MODES}, got {mode!r}")
+
+
+def client_camera(position, wxyz, fov: float, width: int, height: int) -> Cameras:
+    """One pinhole camera from a viewer client's: `position` [3] and rotation `wxyz` [4] (camera to
+    world, OpenCV axes: +z forward, +y down, as viser reports them), vertical field of view `fov` in
+    radians, image size in pixels."""
+    w, x, y, z = (float(v) for v in wxyz)
+    rot = torch.tensor([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]], dtype=torch.float64)
+    c2w = torch.eye(4, dtype=torch.float64)
+    c2w[:3, :3], c2w[:3, 3] = rot, torch.as_tensor(position, dtype=torch.float64)
+    f = 0.5 * height / math.tan(0.5 * float(fov))
+    K = torch.tensor([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    return Cameras(torch.linalg.inv(c2w)[None].float(), K[None].float(), int(width), int(height))
