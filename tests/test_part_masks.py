@@ -137,7 +137,7 @@ def test_callable_source():
     assert pm.masks[:, 0, :, :16].min() == 1 and 0 < pm.masks[:, 1].mean() < 0.5
     with pytest.raises(ValueError, match=r"returned shape \[2, 2, 16, 16\].*H=32, W=32"):
         get_part_masks("callable", scene, ["a", "b"], fn=lambda im, p: np.ones((2, 2, 16, 16)), cameras=c)
-    with pytest.raises(KeyError, match="callable, files"):
+    with pytest.raises(KeyError, match="callable, clipseg, files"):
         get_part_masks("sam9", scene, ["a"])
 
 

@@ -266,7 +266,7 @@ def _mask_from_galp(scene: GaussianScene, cfg: EditConfig, cameras: Cameras, wor
                              f"{seg.mask_source!r}")
         result = segment(cfg.scene, parts, work_dir, config=galp, device=str(scene.device), progress=progress, **kw)
         return torch.from_numpy(np.load(result["masks3d"][part]))
-    if seg.mask_source in ("attention", "callable"):
+    if seg.mask_source in ("attention", "callable", "clipseg", "sam"):  # the edit's ring, unless given
         options.setdefault("cameras", cameras)
     masks = get_part_masks(seg.mask_source, scene, parts, **options)
     field = train_label_field(scene, masks.cameras.to(scene.device), masks.masks.to(scene.device), masks.parts, galp,

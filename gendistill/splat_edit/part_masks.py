@@ -14,7 +14,12 @@ one up. Entries:
   (the default for UNet2DConditionModel pipelines, with a VAE or pixel-space): image-to-text
   attention probabilities after one noising.
 - "callable": any function `fn(images [C, H, W, 3] float in [0, 1], parts) -> [C, P, H, W]`
-  (SAM or another segmenter).
+  (any other segmenter).
+- "clipseg" (`segmenters.masks_from_clipseg`): text-prompted masks from transformers' CLIPSeg on
+  rendered views, one phrase per part (its name or `prompts[part]`), sigmoid above `threshold`.
+- "sam" (`segmenters.masks_from_sam`): one part from transformers' SAM, prompted by a 3D click
+  (`point`, or the centroid of a Gaussian `selection`, optionally its box) projected into each
+  view; views where it is behind the camera or off the image get an empty mask.
 
 Bad input fails loudly, naming the part and the views: a missing or extra mask file, a mask whose
 size is not the cameras', a part empty in every view, a part word not in the prompt.
@@ -103,7 +108,8 @@ def check_part_masks(masks: Tensor, parts: Sequence[str], cameras: Cameras) -> N
 
 
 def get_part_masks(source: str, scene: GaussianScene | None, parts: Sequence[str], **options) -> PartMasks:
-    """Part masks from the registered source `source` ("files", "attention", "callable", or a plugin's)."""
+    """Part masks from the registered source `source` ("files", "attention", "callable", "clipseg", "sam",
+    or a plugin's)."""
     return MASK_SOURCES.get_entry(source)(scene, list(parts), **options)
 
 
@@ -663,3 +669,6 @@ def masks_from_attention(scene: GaussianScene, parts: Sequence[str], *, pipeline
     masks = postprocess_attention(raw, temp0 if temperatures is None else temperatures, threshold,
                                   out0 if output is None else output, refine=refine_fn, images=images.cpu())
     return PartMasks(list(parts), masks, cameras, images)
+
+
+from gendistill.splat_edit import segmenters as _segmenters  # noqa: E402,F401  registers "clipseg" and "sam"
