@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from gendistill.plan import add_plan_parser, run_plan
-from gendistill.splat_edit.edit_cli import add_edit_batch_parser, add_edit_parser
+from gendistill.splat_edit.edit_cli import add_edit_batch_parser, add_edit_parser, run_edit_command
 from gendistill.splat_edit.segment import add_parser as add_segment_parser
 from gendistill.video_distill.cli import add_finetune_parser, add_generate_parser
 
@@ -102,6 +102,38 @@ def view(*args, **kwargs) -> int:
     return serve(*args, read_label_field=masks_from_scene, write_labelled=labelled_from_masks, **kwargs)
 
 
+def live_edit_view(cfg):
+    """The editor's step callback that feeds the live view (`viewer.port`; None without it): it starts
+    the page at the first step and sends the part's Gaussians, the losses and the latest SDS view
+    every `viewer.every` steps. `.close()` stops the page; `.live` is the `LiveView` once started."""
+    if cfg.viewer.port is None:
+        return None
+    import torch
+
+    from gendistill.core.render.sh import sh_to_rgb
+    from gendistill.viewer.live import start_live_view
+    from gendistill.viewer.view import gaussian_arrays
+
+    def callback(editor, record) -> None:
+        if callback.live is None:
+            callback.live = start_live_view(editor.scene, editor.mask, host=cfg.viewer.host, port=cfg.viewer.port)
+            print(f"live view: {callback.live.url}", file=sys.stderr, flush=True)
+        if editor.step_count % cfg.viewer.every:
+            return
+        with torch.no_grad():
+            p = editor.part_tensors()
+            arrays = gaussian_arrays(p["means"], p["quats"], p["scales"], p["opacities"], sh_to_rgb(p["sh"][:, 0]))
+            image = None
+            if editor.last_views:
+                rgb, _, _ = editor.render(editor.cameras[editor.last_views[:1]])
+                image = (rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy()
+        callback.live.update(editor.step_count, arrays, record, image)
+
+    callback.live = None
+    callback.close = lambda: callback.live.stop() if callback.live is not None else None
+    return callback
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -147,7 +179,7 @@ def build_parser(key_lists: bool = True) -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     add_generate_parser(sub)
     add_segment_parser(sub)
-    add_edit_parser(sub)
+    add_edit_parser(sub).set_defaults(run=lambda args: run_edit_command(args, live_edit_view))
     add_edit_batch_parser(sub)
     add_plan_parser(sub)
     for name in ("edit", "finetune"):  # plan this command line instead of running it

@@ -144,16 +144,18 @@ def test_interrupt_writes_loadable_result(models, tmp_path):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_in_a_cli_subprocess(models, tmp_path, sig, code):
+def test_ctrl_c_in_a_cli_subprocess(models, tmp_path, free_port, sig, code):
     """SIGINT / SIGTERM to a running `python -m gendistill edit`: a complete result, then exit 130 / 143
-    (a scheduler tells an interrupted run from a finished one)."""
+    (a scheduler tells an interrupted run from a finished one). The SIGINT run has its live view on:
+    the same rules hold with the page's server threads running."""
     import subprocess
     import sys
     import time
 
     out = tmp_path / "cli"
+    live = [f"viewer.port={free_port()}", "viewer.every=1"] if sig == signal.SIGINT else []
     cmd = [sys.executable, "-m", "gendistill", "edit", "--config", str(CONFIG), "--no-progress",
-           *_overrides(out, models, "steps=100000", "densify.enabled=false")]
+           *_overrides(out, models, "steps=100000", "densify.enabled=false", *live)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     try:
@@ -167,9 +169,42 @@ def test_ctrl_c_in_a_cli_subprocess(models, tmp_path, sig, code):
         proc.kill()
     assert proc.returncode == code, stderr[-2000:]
     assert f"{sig.name}: stopped after step" in stderr and "outputs in" in stdout
+    assert ("live view: http://127.0.0.1:" in stderr) == bool(live)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == sig.name and 0 < summary["steps"] < 100000
     assert len(GaussianScene.load_ply(out / "edited.ply")) == 15000 and (out / "report.html").is_file()
+
+
+def test_the_live_view_shows_the_part_as_it_is_edited(models, tmp_path, free_port, monkeypatch):
+    """`viewer.port`: every `viewer.every` steps the page gets the part's Gaussians, the losses and the
+    latest SDS view; the page stops with the edit."""
+    import socket
+    import urllib.request
+
+    import gendistill.viewer.live as live
+
+    started, pages, real = [], [], live.start_live_view
+
+    def spy(*args, **kwargs):
+        view = real(*args, **kwargs)
+        pages.append(urllib.request.urlopen(view.url, timeout=10).read())  # served while the edit runs
+        started.append(view)
+        return view
+
+    monkeypatch.setattr(live, "start_live_view", spy)
+    out, port = tmp_path / "live", free_port()
+    assert cli_main(["edit", "--config", str(CONFIG), "--no-progress",
+                     *_overrides(out, models, "steps=4", "densify.enabled=false", f"viewer.port={port}",
+                                 "viewer.every=2")]) == 0
+    (view,) = started
+    assert b"<html" in pages[0].lower() and view.steps == [2, 4]
+    edited, hat = GaussianScene.load_ply(out / "edited.ply"), np.load(out / "masks3d" / "hat.npy")
+    np.testing.assert_allclose(view.part_node.centers, edited.means[torch.from_numpy(hat)].numpy(), atol=1e-6)
+    assert all(len(v) == 2 and np.isfinite(v).all() for v in view.losses.values())
+    ring = load_edit_config(out / "config.yaml").cameras
+    assert view.image.image.shape[:2] == (ring.height, ring.width)
+    with socket.socket() as sock:  # the page stopped with the edit: its port is free again
+        sock.bind(("127.0.0.1", int(view.url.rsplit(":", 1)[1])))
 
 
 def test_crash_leaves_no_partial_scene(models, tmp_path):

@@ -38,11 +38,19 @@ def load_edit_command_config(args):
     return load_edit_config(args.config, args.overrides)
 
 
-def run_edit_command(args) -> int:
+def run_edit_command(args, step_callback=None) -> int:
+    """`gendistill edit`; `step_callback(cfg)` may give a `callback(editor, record)` for every step
+    (with a `close()`, called at the end): the command line's live view."""
     from gendistill.splat_edit.edit_config import load_edit_config
     from gendistill.splat_edit.editor import run_edit
 
-    result = run_edit(load_edit_config(args.config, args.overrides), progress=not args.no_progress)
+    cfg = load_edit_config(args.config, args.overrides)
+    callback = step_callback(cfg) if step_callback is not None else None
+    try:
+        result = run_edit(cfg, callback=callback, progress=not args.no_progress)
+    finally:
+        if callback is not None:
+            callback.close()
     print(f"edit: {result.summary['steps']} steps, outputs in {result.out}/")
     # an interrupted run wrote a complete result, but a scheduler must tell it from a finished one
     return {"SIGINT": 130, "SIGTERM": 143}.get(result.summary["interrupted"], 0)

@@ -79,7 +79,9 @@ class SegmentConfig:
     gates densification gradients every step (not reproduced: our part set is fixed per run); its 2D
     masks take pixels whose mean |difference| per channel is below 0.34.
     parts: all parts for "galp" (default: just the edited one); mask_source / mask_options: a
-    `MASK_SOURCES` entry and its options (e.g. {path: masks_dir} for "files"); galp: the 3D-GALP
+    `MASK_SOURCES` entry ("files", "attention", "callable", "clipseg", "sam") and its options (e.g.
+    {path: masks_dir} for "files"; {cameras: cams.json, model: clipseg_dir} for "clipseg";
+    {cameras: cams.json, model: sam_dir, selection: masks3d/nose.npy} for "sam"); galp: the 3D-GALP
     settings (`GALPConfig`, e.g. segment.galp.steps=300; its threshold is `threshold` above).
     """
 
@@ -197,6 +199,17 @@ class ReportConfig:
 
 
 @dataclass
+class LiveViewConfig:
+    """The live view of a running edit (`gendistill.viewer.live`): with `port` set, a local page
+    (viser) shows the part's current Gaussians, the loss curves and the latest SDS view, updated
+    every `every` steps. host: the address served on (0.0.0.0: other machines too)."""
+
+    port: Optional[int] = None
+    host: str = "127.0.0.1"
+    every: int = 10
+
+
+@dataclass
 class EditConfig:
     """`gendistill edit`: scene, part, prompts and run folder are required (usually on the command line).
 
@@ -216,6 +229,7 @@ class EditConfig:
     "steps_skipped_nonfinite"); this many in a row stop the edit with an error.
     export: scene formats of the result: `edited.ply` always, and `edited.spz`, `edited.splat`,
     `edited.compressed.ply` beside it for "spz", "splat", "compressed-ply".
+    viewer: the live view in a browser (`viewer.port=8080`; see `LiveViewConfig`).
     """
 
     scene: str = MISSING
@@ -245,6 +259,7 @@ class EditConfig:
     optim: LearningRates = field(default_factory=LearningRates)
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    viewer: LiveViewConfig = field(default_factory=LiveViewConfig)
 
     def __post_init__(self):  # YAML's true / false in a str field arrive as "True" / "False"
         self.prior_removal = {"True": "dc", "False": "none"}.get(str(self.prior_removal), self.prior_removal)
@@ -324,6 +339,9 @@ def check_values(cfg: EditConfig) -> None:
     need(cfg.anchors.count >= 0, "anchors.count", f"must be >= 0, got {cfg.anchors.count}")
     need(cfg.report.grid_views >= 1 and cfg.report.turntable_frames >= 1, "report.grid_views/turntable_frames",
          "must be >= 1")
+    need(cfg.viewer.port is None or 0 < cfg.viewer.port < 65536, "viewer.port",
+         f"must be a port number (1-65535) or null, got {cfg.viewer.port}")
+    need(cfg.viewer.every >= 1, "viewer.every", f"must be >= 1, got {cfg.viewer.every}")
     from gendistill.core.guidance import GUIDANCE
     from gendistill.core.guidance.load import guidance_options
     from gendistill.registry import load_plugins

@@ -244,6 +244,7 @@ class PartEditor:
         self.state["src"] = src.clone()  # input index each part Gaussian descends from (kept by gsplat's ops)
         self.n_part_input = len(src)
         self.step_count = 0
+        self.last_views: list[int] = []
         self.history: list[dict[str, float]] = []
         self.nonfinite_steps = self._nonfinite_run = 0  # steps skipped for NaN/inf gradients: all, in a row
         self.timer = StepTimer(sync=cfg.profile)
@@ -329,6 +330,7 @@ class PartEditor:
         """One optimisation step; returns {"loss", "sds", "anchor", "gaussians"}."""
         cfg, t = self.cfg, self.timer
         views = torch.randint(len(self.cameras), (cfg.batch_size,), generator=self.generator).tolist()
+        self.last_views = views  # ring views of this step's SDS (the live view shows the first)
         use_sds = cfg.lambda_sds > 0 and self.guidance is not None
         use_anchor = cfg.lambda_anchor > 0 and self.anchors is not None and len(self.anchors.views) > 0
         cams = self.cameras[views] if use_sds else None

@@ -31,8 +31,8 @@ from gendistill.core.render import rasterize
 from gendistill.core.scene import GaussianScene
 from gendistill.viewer.select import SELECT_MODES, client_camera, combine, grow, pick, pick_box
 
-__all__ = ["splat_arrays", "load_parts", "start_viewer", "Viewer", "part_labels", "display_colours", "save_parts",
-           "save_selection", "render_view", "check_part_name", "PALETTE", "SELECTION_RGB"]
+__all__ = ["splat_arrays", "gaussian_arrays", "load_parts", "start_viewer", "Viewer", "part_labels", "display_colours", "save_parts",
+           "save_selection", "render_view", "check_part_name", "frame_clients", "PALETTE", "SELECTION_RGB"]
 
 # part colours (RGB in [0, 1]), in turn
 PALETTE = np.array([[0.90, 0.10, 0.10], [0.10, 0.60, 0.95], [0.20, 0.80, 0.20], [0.95, 0.75, 0.10],
@@ -43,14 +43,22 @@ def splat_arrays(scene: GaussianScene) -> dict[str, np.ndarray]:
     """What viser's `add_gaussian_splats` takes: centers [N,3], covariances [N,3,3] (R S^2 R^T),
     rgbs [N,3] (the SH DC colour, clamped to [0, 1]), opacities [N,1]."""
     s = scene.detach().to("cpu", torch.float32)
-    q = s.normalized_quats()
-    w, x, y, z = q.unbind(-1)
+    return gaussian_arrays(s.means, s.quats, s.scales(), s.opacities(), s.colors_rgb())
+
+
+def gaussian_arrays(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
+                    rgbs: torch.Tensor) -> dict[str, np.ndarray]:
+    """`splat_arrays` from activated tensors: means [N,3], quats [N,4] wxyz (normalized here),
+    scales [N,3], opacities [N], rgbs [N,3]."""
+    t = [x.detach().to("cpu", torch.float32) for x in (means, quats, scales, opacities, rgbs)]
+    means, quats, scales, opacities, rgbs = t
+    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
     rot = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
                        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
                        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)
-    m = rot * s.scales()[:, None, :]
-    return {"centers": s.means.numpy(), "covariances": (m @ m.transpose(1, 2)).numpy(),
-            "rgbs": s.colors_rgb().clamp(0, 1).numpy(), "opacities": s.opacities()[:, None].numpy()}
+    m = rot * scales[:, None, :]
+    return {"centers": means.numpy(), "covariances": (m @ m.transpose(1, 2)).numpy(),
+            "rgbs": rgbs.clamp(0, 1).numpy(), "opacities": opacities.reshape(-1, 1).numpy()}
 
 
 def load_parts(scene: GaussianScene, labels: str | os.PathLike | None = None,
@@ -299,16 +307,21 @@ def start_viewer(scenes: dict[str, GaussianScene], *, parts: dict[str, np.ndarra
     refresh()
     if cameras is not None:
         _add_frustums(server, cameras)
-    first = next(iter(scenes.values()))
-    centre, radius = first.center(0.01).double().cpu().numpy(), float((lambda b: (b[1] - b[0]).norm())(first.bbox(0.01)))
+    frame_clients(server, next(iter(scenes.values())))
+    return viewer
+
+
+def frame_clients(server, scene: GaussianScene) -> None:
+    """Each new page starts looking at `scene`, z up (as the editor's camera ring)."""
+    centre = scene.center(0.01).double().cpu().numpy()
+    lo, hi = scene.bbox(0.01)
+    radius = float((hi - lo).norm())
 
     @server.on_client_connect
-    def _frame(client) -> None:  # each new page starts looking at the first scene (z up, as the ring)
+    def _frame(client) -> None:
         client.camera.up_direction = (0.0, 0.0, 1.0)
         client.camera.position = centre + radius * np.array([1.2, 0.0, 0.35])
         client.camera.look_at = centre
-
-    return viewer
 
 
 def save_selection(viewer: Viewer, scenes: dict[str, GaussianScene], scene_name: str, part: str,
