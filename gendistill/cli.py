@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gendistill.plan import add_plan_parser, run_plan
@@ -88,18 +89,42 @@ def _add_view(sub) -> None:
     p.add_argument("--colour", default="", help="parts coloured from the start, comma-separated (e.g. hat)")
     p.add_argument("--out", default="selection", help="where \"save part\" writes masks3d/<part>.npy and labelled.ply")
     p.add_argument("--backend", default="auto", help="render backend of picking and the render panel")
+    p.add_argument("--clipseg", default=None, help="CLIPSeg model folder: a \"select from text\" box (CLIPSeg masks "
+                                                  "of rendered views, lifted by 3D-GALP)")
+    p.add_argument("--sam", default=None, help="SAM model folder: a button that refines the selection (SAM prompted "
+                                              "with it in rendered views, lifted by 3D-GALP)")
+    p.add_argument("--lift", default="16,256,200", help="with --clipseg / --sam: views, view size and 3D-GALP steps")
     p.set_defaults(run=lambda args: view(args.scenes, labels=args.labels, masks3d=args.masks3d,
                                          cameras=args.cameras, host=args.host, port=args.port,
                                          coloured=[c for c in args.colour.split(",") if c], out=args.out,
-                                         backend=args.backend))
+                                         backend=args.backend, clipseg=args.clipseg, sam=args.sam, lift=args.lift))
 
 
-def view(*args, **kwargs) -> int:
-    """The viewer, with 3D-GALP's label fields read and written (the plugins do not import each other)."""
-    from gendistill.splat_edit.galp import labelled_from_masks, masks_from_scene
+def view(*args, clipseg=None, sam=None, lift="16,256,200", backend="auto", **kwargs) -> int:
+    """The viewer, with 3D-GALP's label fields read and written, and CLIPSeg / SAM lifted by it (the
+    plugins do not import each other)."""
+    from gendistill.splat_edit.galp import GALPConfig, labelled_from_masks, masks_from_scene
+    from gendistill.splat_edit.segment import lift_part
     from gendistill.viewer.view import view as serve
 
-    return serve(*args, read_label_field=masks_from_scene, write_labelled=labelled_from_masks, **kwargs)
+    try:
+        views, size, steps = (int(v) for v in lift.split(","))
+        assert views >= 1 and size >= 8 and steps >= 1
+    except (ValueError, AssertionError):
+        raise ValueError(f"--lift must be VIEWS,SIZE,STEPS (e.g. 16,256,200), got {lift!r}") from None
+    for flag, folder in (("--clipseg", clipseg), ("--sam", sam)):
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {folder}: no such model folder")
+    common = dict(views=views, size=size, config=GALPConfig(steps=steps, backend=backend), backend=backend)
+
+    def from_text(scene, phrase: str):
+        return lift_part(scene, "clipseg", phrase, model=clipseg, **common)
+
+    def from_selection(scene, selection):
+        return lift_part(scene, "sam", "selection", model=sam, selection=selection, box=True, **common)
+
+    return serve(*args, read_label_field=masks_from_scene, write_labelled=labelled_from_masks, backend=backend,
+                 from_text=from_text if clipseg else None, from_selection=from_selection if sam else None, **kwargs)
 
 
 def live_edit_view(cfg):

@@ -245,3 +245,25 @@ def test_bad_input_names_the_option(sam_dir, clipseg_dir, tmp_path):
         get_part_masks("sam", scene, ["ball"], cameras=cams, point=[0, 0, 0], box=True, model=sam_dir)
     with pytest.raises(ValueError, match="one part per call"):
         get_part_masks("sam", scene, ["left", "right"], cameras=cams, point=[0, 0, 0], model=sam_dir)
+
+
+def test_the_viewer_s_sam_button_lifts_sam_masks_of_the_selection_to_3d(sam_dir, sam_spy, monkeypatch):
+    """`gendistill view --sam DIR`: the viewer gets a function that prompts SAM with the selection on
+    rendered views and lifts the masks with 3D-GALP (the real loaders, a tiny random SAM)."""
+    import gendistill.viewer.view as view
+    from gendistill.cli import view as view_command
+
+    given = {}
+    monkeypatch.setattr(view, "view", lambda *args, **kw: given.update(kw) or 0)
+    assert view_command(["scene.ply"], sam=str(sam_dir), lift="3,32,2", backend="torch") == 0
+    assert given["from_text"] is None and given["read_label_field"] is not None
+    scene = scene_two_balls()
+    selection = np.zeros(len(scene), bool)
+    selection[:120] = True  # the first ball
+    got = given["from_selection"](scene, selection)
+    assert got.shape == (len(scene),) and got.dtype == torch.bool
+    assert len(sam_spy["points"]) >= 1 and all(b is not None for b in sam_spy["boxes"])  # prompted with its boxes
+    with pytest.raises(ValueError, match="--sam .*: no such model folder"):
+        view_command(["scene.ply"], sam=str(sam_dir / "missing"))
+    with pytest.raises(ValueError, match="--lift must be VIEWS,SIZE,STEPS"):
+        view_command(["scene.ply"], lift="3,32")

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["add_parser", "run", "segment", "segment_cameras"]
+__all__ = ["add_parser", "run", "segment", "segment_cameras", "lift_part"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -157,6 +157,19 @@ def segment(scene_path: str | Path, parts: Sequence[str], out: str | Path, *, ma
     result["contact_sheet"] = out / "contact_sheet.png"
     write_image(result["contact_sheet"], contact_sheet(sheet))
     return result
+
+
+def lift_part(scene, source: str, part: str, *, views: int = 16, size: int = 256, config=None, **options):
+    """[N] bool: the 3D mask of one part from a 2D mask source on `views` rendered views (`segment_cameras`)
+    at `size` pixels, lifted by 3D-GALP (`config`: a `GALPConfig`). The viewer's "from text" is source
+    "clipseg" with the part's phrase as `part`; its "SAM" is source "sam" with `selection=`."""
+    from gendistill.splat_edit.galp import GALPConfig, train_label_field
+    from gendistill.splat_edit.part_masks import get_part_masks
+
+    pm = get_part_masks(source, scene, [part], cameras=segment_cameras(scene, views, size), **options)
+    field = train_label_field(scene, pm.cameras.to(scene.device), pm.masks.to(scene.device), [part],
+                              config or GALPConfig(), progress=False)
+    return field.masks_3d()[0].cpu()
 
 
 def run(args: argparse.Namespace) -> None:

@@ -177,13 +177,15 @@ def save_parts(out: str | os.PathLike, scene: GaussianScene, parts: dict[str, np
 def start_viewer(scenes: dict[str, GaussianScene], *, parts: dict[str, np.ndarray] | None = None,
                  cameras: Cameras | None = None, host: str = "127.0.0.1", port: int = 8080,
                  coloured: Sequence[str] = (), out: str | os.PathLike = "selection",
-                 write_labelled=None, backend: str = "auto") -> Viewer:
+                 write_labelled=None, from_text=None, from_selection=None, backend: str = "auto") -> Viewer:
     """Serve the scenes; returns the running `Viewer`. A port in use: the next free one, said.
 
     `coloured`: parts whose colour is on from the start. Picking: a click selects the part under
     the cursor (shift+click adds to the selection, ctrl/cmd+click subtracts), a shift+drag box the
     visible Gaussians inside it; "save part" writes OUT/masks3d/<name>.npy and, with
-    `write_labelled` (see `save_parts`), OUT/labelled.ply.
+    `write_labelled` (see `save_parts`), OUT/labelled.ply. With `from_text(scene, phrase) -> [N]
+    bool` a "from text" box selects what a phrase names, with `from_selection(scene, [N] bool) -> [N]
+    bool` a button refines the selection (the command line passes CLIPSeg and SAM lifted by 3D-GALP).
     """
     import viser
 
@@ -211,6 +213,25 @@ def start_viewer(scenes: dict[str, GaussianScene], *, parts: dict[str, np.ndarra
         name_box = server.gui.add_text("part name", "")
         out_box = server.gui.add_text("save to", str(out))
         undo, clear, save = (server.gui.add_button(label) for label in ("undo", "clear", "save part"))
+    if from_text is not None or from_selection is not None:
+        with server.gui.add_folder("select with a model"):
+            phrase = server.gui.add_text("phrase", "", visible=from_text is not None)
+            by_text = server.gui.add_button("select from text", visible=from_text is not None)
+            by_sam = server.gui.add_button("refine the selection (SAM)", visible=from_selection is not None)
+
+        def run_model(fn, arg, what: str) -> None:
+            try:
+                say(f"{what}: running (this takes a while on a CPU)")
+                new = np.asarray(fn(scenes[shown.value], arg), bool)
+                set_selection(combine(torch.from_numpy(viewer.selection[shown.value]), torch.from_numpy(new),
+                                      mode.value).numpy())
+            except Exception as err:
+                say(f"**{what} failed:** {err}")
+
+        by_text.on_click(lambda _: run_model(from_text, phrase.value.strip(), "from text") if phrase.value.strip()
+                         else say("type a phrase first"))
+        by_sam.on_click(lambda _: run_model(from_selection, viewer.selection[shown.value].copy(), "SAM")
+                        if viewer.selection[shown.value].any() else say("select something first: SAM starts there"))
     with server.gui.add_folder("render as the editor sees it", expand_by_default=False):
         render_button = server.gui.add_button("render this view")
         render_image = server.gui.add_image(np.full((32, 32, 3), 255, np.uint8), label="our rasterizer")
@@ -375,9 +396,10 @@ def _add_frustums(server, cameras: Cameras) -> None:
 
 def view(scene_paths: Sequence[str], *, labels=None, masks3d=None, cameras=None, host="127.0.0.1", port=8080,
          coloured: Sequence[str] = (), out="selection", read_label_field=None, write_labelled=None,
-         backend: str = "auto") -> int:
+         from_text=None, from_selection=None, backend: str = "auto") -> int:
     """The `gendistill view` command: load, check, serve until Ctrl-C. `read_label_field` /
-    `write_labelled`: see `load_parts` and `save_parts` (the command line passes 3D-GALP's)."""
+    `write_labelled`: see `load_parts` and `save_parts`; `from_text` / `from_selection`: see
+    `start_viewer` (the command line passes 3D-GALP's and its mask sources)."""
     import time
 
     scenes = {}
@@ -387,7 +409,8 @@ def view(scene_paths: Sequence[str], *, labels=None, masks3d=None, cameras=None,
     parts = load_parts(next(iter(scenes.values())), labels, masks3d, read_label_field)
     cams = load_cameras(cameras) if cameras is not None else None
     viewer = start_viewer(scenes, parts=parts, cameras=cams, host=host, port=port, coloured=coloured, out=out,
-                          write_labelled=write_labelled, backend=backend)
+                          write_labelled=write_labelled, from_text=from_text, from_selection=from_selection,
+                          backend=backend)
     print(f"viewer: {viewer.url} (Ctrl-C stops it)")
     try:
         while True:
