@@ -189,6 +189,8 @@ def _load(path: Path):
             return pickle.loads(path.read_bytes())
     if path.suffix == ".json":
         return json.loads(path.read_text())
+    if path.suffix == ".md":  # the export's model card
+        return path.read_text()
     if path.suffix == ".yaml":
         value = yaml.safe_load(path.read_text())
         assert isinstance(value, dict), path

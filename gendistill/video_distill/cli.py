@@ -2,6 +2,7 @@
 
     gendistill finetune --config configs/video_distill/tiny_cpu.yaml output_dir=outputs/tiny max_steps=20
     accelerate launch -m gendistill finetune --config configs/video_distill/videorepa_5b_lora.yaml ...
+    gendistill finetune --push-to-hub --hub-repo-id me/cogvideox-videorepa --config ... (token: HF_TOKEN)
     gendistill generate --model THUDM/CogVideoX-5b --lora outputs/run/export --prompts prompts.txt --out videos/
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 __all__ = ["add_finetune_parser", "add_generate_parser", "load_finetune_config", "run_finetune", "run_generate"]
 
@@ -21,6 +24,12 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                     "resume_from_checkpoint=latest).")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/video_distill/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    hub = p.add_argument_group("Hugging Face Hub (token from HF_TOKEN or `hf auth login`, checked before training)")
+    hub.add_argument("--push-to-hub", action="store_true",
+                     help="upload the export folder (weights, model card README.md, config.yaml) at the end")
+    hub.add_argument("--hub-repo-id", default=None, metavar="OWNER/NAME",
+                     help="model repo to push to, created when missing (default: YOUR_USER/<output_dir name>)")
+    hub.add_argument("--hub-private", action="store_true", help="create the repo private")
     p.set_defaults(run=run_finetune, load_config=load_finetune_config)
     return p
 
@@ -55,13 +64,42 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _check_push(args, cfg):
+    """Before anything loads: (repo id, token) of `--push-to-hub` (None without it); the process of global
+    rank 0 also checks the account and creates the repo. Raises ValueError naming what to fix."""
+    if not getattr(args, "push_to_hub", False):
+        if getattr(args, "hub_repo_id", None):
+            raise ValueError("--hub-repo-id is set but --push-to-hub is not; add --push-to-hub to upload the export")
+        return None
+    if not cfg.export:
+        raise ValueError("--push-to-hub uploads the export, but export=false; drop one of them")
+    from gendistill.video_distill.export import check_push
+
+    return check_push(args.hub_repo_id, default_name=Path(cfg.output_dir).resolve().name, private=args.hub_private,
+                      online=os.environ.get("RANK", "0") == "0", export_folder=Path(cfg.output_dir) / "export")
+
+
 def run_finetune(args) -> int:
     from gendistill.config import load_config
     from gendistill.video_distill.finetune_config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    hub = _check_push(args, cfg)
     from gendistill.video_distill.trainer import finetune
 
-    summary = finetune(load_config(FinetuneConfig, args.config, args.overrides))
-    return 143 if summary["interrupted"] == "SIGTERM" else 0  # preempted: checkpointed, not finished
+    summary = finetune(cfg)
+    if summary["interrupted"] == "SIGTERM":
+        return 143  # preempted: checkpointed, not finished (and not pushed)
+    if hub is not None and summary["export"] is not None:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            from gendistill.video_distill.export import push_export
+
+            url = push_export(summary["export"], hub[0], token=hub[1], private=args.hub_private,
+                              commit_message=f"VideoREPA finetune, step {summary['step']}")
+            print(f"pushed {summary['export']}/ to https://huggingface.co/{hub[0]} ({url})")
+    return 0
 
 
 def run_generate(args) -> None:
