@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,15 @@ from gendistill.video_distill.data import (
     FeatureCache,
     ResumableBatchSampler,
     VideoClipDataset,
+    VideoInfo,
     clip_fingerprint,
+    decode_frames,
     file_digest,
     file_digests,
     discover_clips,
+    frames_available,
     load_clip,
+    probe_video,
     resize_crop,
     sample_frame_indices,
 )
@@ -81,6 +86,72 @@ def test_frame_sampling_and_resize_crop():
     assert 0.24 < float(out[0, 0, 0, 0]) < 0.28 and 0.72 < float(out[0, 0, 0, -1]) < 0.76
     clip = load_clip(CLIPS / "red_throw_right.mp4", 9, 32, 48)
     assert clip.shape == (9, 3, 32, 48) and 0 <= float(clip.min()) and float(clip.max()) <= 1
+
+
+@pytest.fixture(scope="module")
+def gop_clips(tmp_path_factory):
+    """150 frames of 96x64 at 30 fps, H.264 with B-frames and a keyframe every 10 frames: as mp4 (frame
+    count in the header) and as mkv (none: counted from the packets)."""
+    import imageio_ffmpeg
+
+    folder = tmp_path_factory.mktemp("gop")
+    ffmpeg = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error"]
+    subprocess.run([*ffmpeg, "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=30", "-t", "5", "-c:v", "libx264",
+                    "-preset", "veryfast", "-g", "10", "-pix_fmt", "yuv420p", str(folder / "gop.mp4")], check=True)
+    subprocess.run([*ffmpeg, "-i", str(folder / "gop.mp4"), "-c", "copy", str(folder / "gop.mkv")], check=True)
+    return [folder / "gop.mp4", folder / "gop.mkv"]
+
+
+def test_pyav_decodes_the_sampled_frames_as_imageio_does_and_no_more(gop_clips, monkeypatch):
+    import gendistill.video_distill.data as data
+
+    decoded, real = [], data._decoded_frames
+
+    def spy(container, stream):
+        for frame in real(container, stream):
+            decoded.append(frame)
+            yield frame
+
+    monkeypatch.setattr(data, "_decoded_frames", spy)
+    for path in gop_clips:
+        ref = read_video(path)  # imageio (ffmpeg), the whole clip: the reference
+        assert ref.shape == (150, 64, 96, 3) and probe_video(path) == VideoInfo(150, 30.0, 64, 96)
+        for idx in (sample_frame_indices(150, 9), [0], [149], [77, 3, 77, 120], sample_frame_indices(150, 49, "stride"),
+                    sample_frame_indices(150, 9, "fps", fps=6, source_fps=30)):
+            assert np.array_equal(decode_frames(path, idx), ref[idx]), (path.name, idx)  # bit-exact, not a tolerance
+        decoded.clear()
+        decode_frames(path, [120, 125])  # from the keyframe at 120: 6 frames of 150
+        assert 6 <= len(decoded) <= 8, len(decoded)
+        decoded.clear()
+        decode_frames(path, [5, 140])  # 0..10 (the keyframe interval learnt), then a seek to 140: 12 frames
+        assert len(decoded) <= 14, len(decoded)
+        # load_clip = the old path (the whole clip decoded, then sampled) to the last bit
+        idx = sample_frame_indices(150, 9)
+        old = resize_crop(torch.from_numpy(ref[idx]).permute(0, 3, 1, 2).float() / 255.0, 32, 48)
+        assert torch.equal(load_clip(path, 9, 32, 48), old)
+    with pytest.raises(ValueError, match="ends at frame 149, before frame 150"):
+        decode_frames(gop_clips[0], [150])
+
+
+def test_fps_sampling_picks_the_nearest_frames_at_the_target_rate(gop_clips):
+    assert sample_frame_indices(150, 5, "fps", fps=10, source_fps=30) == [0, 3, 6, 9, 12]
+    assert sample_frame_indices(150, 4, "fps", fps=8, source_fps=30000 / 1001) == [0, 4, 7, 11]  # k * 3.746
+    assert sample_frame_indices(10, 5, "fps", fps=30, source_fps=24) == [0, 1, 2, 2, 3]  # a slower source repeats
+    with pytest.raises(ValueError, match="has 12 frames, fewer than the 13 needed for 5 frames at 10 fps"):
+        sample_frame_indices(12, 5, "fps", fps=10, source_fps=30)
+    with pytest.raises(ValueError, match=r"data.fps"):
+        sample_frame_indices(100, 5, "fps", source_fps=30)
+    with pytest.raises(ValueError, match="no frame rate"):
+        sample_frame_indices(100, 5, "fps", fps=8, source_fps=None)
+    for n in (1, 2, 13, 49, 100):
+        for src, fps in ((30, 8), (30000 / 1001, 8), (24, 30), (25, 25), (60, 7.5)):
+            most = frames_available(n, "fps", fps=fps, source_fps=src)  # the most frames a clip gives at fps
+            assert len(sample_frame_indices(n, most, "fps", fps=fps, source_fps=src)) == most
+            with pytest.raises(ValueError, match="fewer than"):
+                sample_frame_indices(n, most + 1, "fps", fps=fps, source_fps=src)
+    ref = read_video(gop_clips[0])
+    old = resize_crop(torch.from_numpy(ref[[0, 5, 10, 15, 20]]).permute(0, 3, 1, 2).float() / 255.0, 32, 32)
+    assert torch.equal(load_clip(gop_clips[0], 5, 32, 32, "fps", fps=6), old)
 
 
 def test_unreadable_or_short_video_is_skipped_with_a_warning(tmp_path, caplog):

@@ -75,7 +75,7 @@ def _step_of(folder: Path) -> int | None:
 
 class CheckpointMixin:
     """Checkpoint methods of `VideoREPATrainer` (it provides cfg, accelerator, out, step, position,
-    generator, skipped, rank, world, device and `_sharded`)."""
+    generator, skipped, rank, world, device, `_sharded`, `_data_state()` and `_resumed_data_state`)."""
 
     @property
     def checkpoint_root(self) -> Path:
@@ -129,7 +129,8 @@ class CheckpointMixin:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         torch.save({"generator": self.generator.get_state(), "position": self.position, "step": self.step,
-                    "skipped": sorted(self.skipped)}, tmp / f"trainer_state_{self.rank}.pt")
+                    "skipped": sorted(self.skipped), "data_state": self._data_state()},
+                   tmp / f"trainer_state_{self.rank}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
@@ -192,6 +193,7 @@ class CheckpointMixin:
         self.generator.set_state(state["generator"])
         self.position, self.step = state["position"], state["step"]
         self.skipped.update(state.get("skipped", []))
+        self._resumed_data_state = state.get("data_state")  # data.buckets: each bucket's seed and position
         if self.accelerator.is_main_process:
             drop_log_after(log, self.step)
             print(f"resumed from {path} at step {self.step}")

@@ -1,8 +1,16 @@
-"""Training clips: discovery (folder or manifest), decoding, frame sampling, resumable batches, a feature cache.
+"""Training clips: discovery (folder or manifest), decoding, frame sampling, buckets, resumable batches, feature cache.
 
     clips, problems = discover_clips("assets/clips")        # videos with a .txt caption beside each
     ds = VideoClipDataset(clips, num_frames=49, height=480, width=720)
     item = ds[0]        # {"video": [49, 3, 480, 720] float in [0, 1], "caption": str, "index": int, "skipped": [...]}
+
+Decoding streams (PyAV): only the sampled frames are turned into pixels; the decoder seeks to the keyframe
+before the first one, decodes forward to the last one and seeks again across gaps longer than a keyframe
+interval, so memory and time follow the sample (49 frames), not the clip (a 10-minute 1080p clip decoded
+whole is 110 GB). Frame count and rate come from the stream header (counted from the packets when absent).
+
+Buckets: with `bucket_clips` each clip goes to the bucket (frames, height, width) nearest its aspect ratio,
+then its length; `BucketBatchSampler` draws each batch from one bucket and resumes at any batch.
 
 Sources: a folder (every video with a `.txt` caption beside it, searched recursively), a CSV
 manifest (columns `video` / `path` / `file` and `caption` / `prompt` / `text`), a JSON manifest (a
@@ -25,8 +33,10 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -40,13 +50,21 @@ from gendistill.core.media import read_video
 
 __all__ = [
     "VIDEO_EXTENSIONS",
+    "SAMPLING_MODES",
     "Clip",
+    "VideoInfo",
     "discover_clips",
+    "probe_video",
     "sample_frame_indices",
+    "frames_available",
+    "decode_frames",
     "resize_crop",
     "load_clip",
+    "assign_bucket",
+    "bucket_clips",
     "VideoClipDataset",
     "ResumableBatchSampler",
+    "BucketBatchSampler",
     "collate_clips",
     "file_digest",
     "file_digests",
@@ -60,7 +78,8 @@ logger = logging.getLogger("gendistill.video_distill")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif", ".m4v")
 _VIDEO_COLUMNS = ("video", "path", "file", "video_path", "filename")
 _CAPTION_COLUMNS = ("caption", "prompt", "text", "title")
-SAMPLING_MODES = ("uniform", "first", "stride")
+SAMPLING_MODES = ("uniform", "first", "stride", "fps")
+_RESIZE_CHUNK = 4  # frames converted to float and resized at a time (bounds the float copy of 1080p frames)
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,16 @@ class Clip:
 
     video: Path
     caption: str
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """A video stream's metadata: frame count, frame rate (None when unknown), frame size in pixels."""
+
+    frames: int
+    fps: float | None
+    height: int
+    width: int
 
 
 # -- discovery ----------------------------------------------------------------------------------------
@@ -151,17 +180,40 @@ def discover_clips(source: str | os.PathLike, root: str | os.PathLike | None = N
 
 
 # -- decoding -----------------------------------------------------------------------------------------
-def sample_frame_indices(num_available: int, num_frames: int, mode: str = "uniform") -> list[int]:
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def _fps_step(fps: float | None, source_fps: float | None) -> float:
+    """Source frames per target frame for "fps" sampling."""
+    if not fps or fps <= 0:
+        raise ValueError(f"frame sampling 'fps' needs a target frame rate > 0 (data.fps), got {fps!r}")
+    if not source_fps or source_fps <= 0:
+        raise ValueError("has no frame rate in its header, which frame sampling 'fps' needs")
+    return source_fps / fps
+
+
+def sample_frame_indices(num_available: int, num_frames: int, mode: str = "uniform", *,
+                         fps: float | None = None, source_fps: float | None = None) -> list[int]:
     """Indices of `num_frames` frames out of `num_available`.
 
     "uniform": spread evenly over the whole clip (first and last frame included); "first": the
     first `num_frames`; "stride" (VideoREPA as released, `finetune/datasets/utils.py`,
     `preprocess_video_with_resize_with_frame_idxs`): every (num_available // num_frames)-th frame from
-    frame 0, and a shorter clip padded with its last frame. Raises ValueError when the clip is
-    shorter than `num_frames` ("uniform", "first") or empty.
+    frame 0, and a shorter clip padded with its last frame; "fps": from frame 0 at `fps` frames per
+    second, frame k being the source frame nearest time k / fps, i.e. round(k * source_fps / fps) (a
+    source slower than `fps` repeats frames). Raises ValueError when the clip is too short ("uniform",
+    "first", "fps") or empty, or for "fps" without both rates.
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"frame sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+    if mode == "fps":
+        step = _fps_step(fps, source_fps)
+        need = _round_half_up((num_frames - 1) * step) + 1
+        if num_available < need:
+            raise ValueError(f"has {num_available} frames, fewer than the {need} needed for {num_frames} frames "
+                             f"at {fps:g} fps (source {source_fps:g} fps)")
+        return [_round_half_up(k * step) for k in range(num_frames)]
     if mode == "stride" and num_available > 0:
         if num_available < num_frames:
             return list(range(num_available)) + [num_available - 1] * (num_frames - num_available)
@@ -171,6 +223,169 @@ def sample_frame_indices(num_available: int, num_frames: int, mode: str = "unifo
     if mode == "first" or num_frames == 1:
         return list(range(num_frames))
     return np.linspace(0, num_available - 1, num_frames).round().astype(int).tolist()
+
+
+def frames_available(num_available: int, mode: str = "uniform", *, fps: float | None = None,
+                     source_fps: float | None = None) -> int:
+    """The most frames `sample_frame_indices` can take from a clip of `num_available` frames: the count
+    itself, or for "fps" the number of frames at the target rate."""
+    if mode != "fps":
+        return num_available
+    step = _fps_step(fps, source_fps)
+    f = max(0, int((num_available - 0.5) / step) + 1)
+    while f > 0 and _round_half_up((f - 1) * step) > num_available - 1:
+        f -= 1
+    while _round_half_up(f * step) <= num_available - 1:
+        f += 1
+    return f
+
+
+def _open_video(path: str | os.PathLike):
+    """An open PyAV container with a video stream; ValueError naming the file otherwise."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except Exception as err:  # PyAV raises many types for bad files
+        raise ValueError(f"cannot read video {path}: {err}") from err
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"cannot read video {path}: no video stream")
+    return container
+
+
+def _frame_rate(stream) -> Fraction | None:
+    """Frames per second: FFmpeg's guess (the nominal rate, exact: 30000/1001) when it is within 2% of the
+    average (frame count / duration when the header has both, as GIF's average rate is off; else the
+    average rate), else the average; None when unknown."""
+    average = stream.average_rate
+    if stream.frames and stream.duration and stream.time_base:
+        average = Fraction(stream.frames) / (Fraction(stream.duration) * Fraction(stream.time_base))
+    guess = stream.guessed_rate
+    if guess and average and abs(Fraction(guess) / Fraction(average) - 1) < Fraction(1, 50):
+        return Fraction(guess)
+    rate = average or guess
+    return Fraction(rate) if rate else None
+
+
+def _stream_info(container, path) -> tuple[VideoInfo, bool]:
+    """(info, counted): `counted` when the header had no frame count and the packets were read to count
+    them (the container then needs a seek back before decoding)."""
+    stream = container.streams.video[0]
+    rate = _frame_rate(stream)
+    frames, counted = int(stream.frames or 0), False
+    if frames <= 0:
+        try:
+            frames = sum(1 for packet in container.demux(stream) if packet.size)
+        except Exception as err:
+            raise ValueError(f"cannot read video {path}: {err}") from err
+        counted = True
+    cc = stream.codec_context
+    return VideoInfo(frames, float(rate) if rate else None, int(cc.height), int(cc.width)), counted
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Frame count, rate and size of a video from its header (no frame decoded; the packets are counted
+    when the header has no count). ValueError naming the file when it cannot be read."""
+    with _open_video(path) as container:
+        return _stream_info(container, path)[0]
+
+
+def _decoded_frames(container, stream):
+    """Every frame the decoder gives from the container's current position (a spy point for tests)."""
+    yield from container.decode(stream)
+
+
+def _read_frames(container, indices: Sequence[int], path, rewind: bool = False) -> np.ndarray:
+    """Decode frames `indices` of the container's first video stream -> uint8 [len(indices), H, W, 3].
+
+    A frame's index is its timestamp times the frame rate (counted in decoding order when the stream has
+    no rate). Seeks to the keyframe before the first index and decodes forward, seeking again when the
+    next index is further ahead than the longest keyframe interval seen; after a seek, frames before the
+    first keyframe are dropped and a seek that lands past the wanted frame is retried from further back
+    (that margin kept for the later seeks).
+    Only the wanted frames are converted to RGB. `rewind`: the container was read before (seek to the start).
+    """
+    stream = container.streams.video[0]
+    wanted = sorted(set(int(i) for i in indices))
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"video {path}: bad frame indices {list(indices)[:5]}")
+    rate = _frame_rate(stream)
+    tb = stream.time_base
+    start = stream.start_time or 0
+    timed = bool(rate) and tb is not None
+    slots: dict[int, list[int]] = {}  # frame index -> its positions in the output
+    for k, j in enumerate(indices):
+        slots.setdefault(int(j), []).append(k)
+    out = None
+    i, gop, backoff, last_idx = 0, None, 0, -1
+    target = wanted[0] if timed else 0
+    while i < len(wanted):
+        target = max(0, target - backoff)
+        if target > 0 or rewind:  # to the last timestamp that still rounds to frame `target`
+            offset = start + math.ceil((target + Fraction(1, 2)) / (rate * Fraction(tb))) - 1 if timed else start
+            container.seek(int(offset), stream=stream, backward=True, any_frame=False)
+        rewind = True  # every later pass starts with a seek
+        trusted = target == 0  # from the start every frame is usable; after a seek, from the first keyframe on
+        counter, last_key, reseek = 0, None, False
+        for frame in _decoded_frames(container, stream):
+            if frame.pts is not None and timed:
+                idx = _round_half_up(float((frame.pts - start) * tb * rate))
+            elif target == 0:
+                idx = counter
+            else:
+                raise ValueError(f"video {path}: frames without timestamps, cannot seek")
+            counter += 1
+            if not trusted:
+                if not frame.key_frame:
+                    continue
+                trusted = True
+                if idx > wanted[i]:  # landed past the frame (open GOP, B-frames): seek from further back,
+                    backoff = max(2 * backoff, idx - target + 2)  # and keep that margin for later seeks
+                    reseek = True
+                    break
+                if gop is not None:  # the keyframe before wanted[i]: keyframes are at least this far apart
+                    gop = max(gop, wanted[i] - idx + 1)
+            if frame.key_frame:
+                if last_key is not None and idx > last_key:
+                    gop = max(gop or 0, idx - last_key)
+                last_key = idx
+            last_idx = idx
+            if idx < wanted[i]:
+                if timed and gop is not None and wanted[i] - idx > gop:  # the next keyframe is still before it
+                    target, reseek = wanted[i], True
+                    break
+                continue
+            rgb = frame.to_ndarray(format="rgb24")
+            if out is None:
+                out = np.empty((len(indices), *rgb.shape), np.uint8)
+            while i < len(wanted) and wanted[i] <= idx:
+                out[slots[wanted[i]]] = rgb
+                i += 1
+            if i == len(wanted):
+                break
+            if timed and gop is not None and wanted[i] - idx > gop:
+                target, reseek = wanted[i], True
+                break
+        if not reseek:
+            break
+    if i < len(wanted):
+        raise ValueError(f"video {path}: the stream ends at frame {last_idx}, before frame {wanted[i]}")
+    return out
+
+
+def decode_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
+    """Decode only frames `indices` of a video (PyAV, see `_read_frames`) -> uint8 [len(indices), H, W, 3].
+
+    ValueError naming the file when it cannot be read or ends before an index.
+    """
+    with _open_video(path) as container:
+        try:
+            return _read_frames(container, indices, path)
+        except ValueError:
+            raise
+        except Exception as err:  # decoder errors of a damaged file
+            raise ValueError(f"cannot read video {path}: {err}") from err
 
 
 def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -184,42 +399,118 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return frames[..., top : top + height, left : left + width].clamp(0.0, 1.0)
 
 
-def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int, sampling: str = "uniform") -> torch.Tensor:
-    """Decode a video and return [num_frames, 3, height, width] float32 in [0, 1].
+def _to_tensor(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [F, h, w, 3] -> float [F, 3, height, width] in [0, 1], converted a few frames at a time."""
+    out = torch.empty(len(frames), 3, height, width)
+    for k in range(0, len(frames), _RESIZE_CHUNK):
+        x = torch.from_numpy(np.ascontiguousarray(frames[k : k + _RESIZE_CHUNK])).permute(0, 3, 1, 2)
+        x = x.float().div_(255.0)
+        out[k : k + _RESIZE_CHUNK] = resize_crop(x, height, width)
+    return out
 
-    Raises ValueError naming the file when it cannot be decoded or is too short.
+
+def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int, sampling: str = "uniform",
+              fps: float | None = None) -> torch.Tensor:
+    """Decode the sampled frames of a video and return [num_frames, 3, height, width] float32 in [0, 1].
+
+    Only the sampled frames are decoded (`_read_frames`). Raises ValueError naming the file when it
+    cannot be decoded or is too short.
     """
-    frames = read_video(path)
-    try:
-        idx = sample_frame_indices(len(frames), num_frames, sampling)
-    except ValueError as err:
-        raise ValueError(f"video {path} {err}") from None
-    x = torch.from_numpy(np.ascontiguousarray(frames[idx])).permute(0, 3, 1, 2).float() / 255.0
-    return resize_crop(x, height, width)
+    with _open_video(path) as container:
+        try:
+            info, counted = _stream_info(container, path)
+            idx = sample_frame_indices(info.frames, num_frames, sampling, fps=fps, source_fps=info.fps)
+            frames = _read_frames(container, idx, path, rewind=counted)
+        except ValueError as err:
+            msg = str(err)
+            raise ValueError(msg if str(path) in msg else f"video {path} {msg}") from None
+        except Exception as err:  # decoder errors of a damaged file
+            raise ValueError(f"cannot read video {path}: {err}") from err
+    return _to_tensor(frames, height, width)
+
+
+# -- buckets ------------------------------------------------------------------------------------------
+def assign_bucket(info: VideoInfo, buckets: Sequence[Sequence[int]], sampling: str = "uniform",
+                  fps: float | None = None) -> int | None:
+    """Index of the bucket (frames, height, width) for a clip, or None when it is shorter than every bucket.
+
+    Among the buckets whose frame count the clip can give (`frames_available`), the nearest aspect
+    ratio (|log(w/h) - log(W/H)|) wins, then the nearest length (the most frames), then the first listed.
+    """
+    avail = frames_available(info.frames, sampling, fps=fps, source_fps=info.fps)
+    fits = [b for b, (f, _, _) in enumerate(buckets) if f <= avail]
+    if not fits:
+        return None
+    aspect = math.log(info.width / info.height)
+
+    def distance(b: int) -> tuple:
+        f, h, w = buckets[b]
+        return round(abs(math.log(w / h) - aspect), 9), avail - f, b
+
+    return min(fits, key=distance)
+
+
+def bucket_clips(clips: Sequence[Clip], buckets: Sequence[Sequence[int]], sampling: str = "uniform",
+                 fps: float | None = None) -> tuple[list[int | None], list[str]]:
+    """Each clip's bucket (`assign_bucket`, from its header: `probe_video`), None for a clip left out.
+
+    Returns (bucket per clip, paths left out). A clip that cannot be read, or is shorter than every
+    bucket, is left out with a warning naming it. ValueError when no clip fits any bucket.
+    """
+    out, left_out = [], []
+    fewest = min(f for f, _, _ in buckets)
+    for clip in clips:
+        try:
+            info = probe_video(clip.video)
+            b = assign_bucket(info, buckets, sampling, fps)
+            if b is None:
+                avail = frames_available(info.frames, sampling, fps=fps, source_fps=info.fps)
+                at = f" at {fps:g} fps" if sampling == "fps" else ""
+                raise ValueError(f"{avail} frames{at}, shorter than every bucket in data.buckets (fewest: {fewest})")
+        except ValueError as err:
+            logger.warning("skipping clip %s: %s", clip.video, err)
+            left_out.append(str(clip.video))
+            b = None
+        out.append(b)
+    if len(left_out) == len(clips):
+        raise ValueError(f"none of the {len(clips)} clips fits a bucket of data.buckets {list(map(list, buckets))} "
+                         f"(first: {left_out[0]}); see the warnings above")
+    return out, left_out
 
 
 class VideoClipDataset(Dataset):
     """Clips -> {"video": [F, 3, H, W] in [0, 1], "caption", "index", "skipped": [paths]}.
 
-    With `cache` and `keys` (one fingerprint per clip), items are read from the cache instead:
+    `shapes` (one (frames, height, width) per clip, from its bucket) replaces num_frames / height / width
+    per clip. With `cache` and `keys` (one fingerprint per clip), items are read from the cache instead:
     {"latent_params", "prompt_embeds", optionally "teacher", "caption", "index", "skipped"}.
-    A clip that fails to load is skipped (warning) and the next one taken, deterministically.
+    A clip that fails to load is skipped (warning) and the next one of the same shape taken, deterministically.
     """
 
     def __init__(self, clips: Sequence[Clip], *, num_frames: int, height: int, width: int,
-                 sampling: str = "uniform", cache: "FeatureCache | None" = None, keys: Sequence[str] | None = None):
+                 sampling: str = "uniform", fps: float | None = None, shapes: Sequence[Sequence[int]] | None = None,
+                 cache: "FeatureCache | None" = None, keys: Sequence[str] | None = None):
         if not clips:
             raise ValueError("VideoClipDataset needs at least one clip")
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"frame sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if sampling == "fps":
+            _fps_step(fps, 1.0)
         if cache is not None and (keys is None or len(keys) != len(clips)):
             raise ValueError("a cached dataset needs one key per clip")
+        if shapes is not None and len(shapes) != len(clips):
+            raise ValueError(f"{len(shapes)} shapes for {len(clips)} clips; give one (frames, height, width) per clip")
         self.clips = list(clips)
-        self.num_frames, self.height, self.width, self.sampling = num_frames, height, width, sampling
+        self.num_frames, self.height, self.width, self.sampling, self.fps = num_frames, height, width, sampling, fps
+        self.shapes = [tuple(int(v) for v in sh) for sh in shapes] if shapes is not None else None
         self.cache, self.keys = cache, list(keys) if keys is not None else None
 
     def __len__(self) -> int:
         return len(self.clips)
+
+    def shape(self, i: int) -> tuple[int, int, int]:
+        """(frames, height, width) of clip i's items."""
+        return self.shapes[i] if self.shapes is not None else (self.num_frames, self.height, self.width)
 
     def _load(self, i: int) -> dict:
         clip = self.clips[i]
@@ -228,12 +519,20 @@ class VideoClipDataset(Dataset):
             if item is None:
                 raise ValueError(f"cache entry for {clip.video} is missing")
             return item
-        return {"video": load_clip(clip.video, self.num_frames, self.height, self.width, self.sampling)}
+        return {"video": load_clip(clip.video, *self.shape(i), self.sampling, self.fps)}
+
+    def _candidates(self, index: int) -> list[int]:
+        """`index`, then the clips after it (cyclically) of the same shape: the stand-ins for a bad clip."""
+        n = len(self.clips)
+        order = [(index + k) % n for k in range(n)]
+        if self.shapes is None:
+            return order
+        return [i for i in order if self.shapes[i] == self.shapes[index]]
 
     def __getitem__(self, index: int) -> dict:
         skipped = []
-        for k in range(len(self.clips)):
-            i = (index + k) % len(self.clips)
+        candidates = self._candidates(index)
+        for i in candidates:
             try:
                 item = self._load(i)
             except Exception as err:  # any decoding problem: skip this clip, never stop the run
@@ -242,7 +541,7 @@ class VideoClipDataset(Dataset):
                 continue
             item.update(caption=self.clips[i].caption, index=i, skipped=skipped)
             return item
-        raise RuntimeError(f"none of the {len(self.clips)} clips could be read (first failure: {skipped[0]})")
+        raise RuntimeError(f"none of the {len(candidates)} clips could be read (first failure: {skipped[0]})")
 
 
 def collate_clips(items: list[dict]) -> dict:
@@ -294,6 +593,103 @@ class ResumableBatchSampler(Sampler):
 
     def __len__(self) -> int:  # endless; one epoch for tools that ask
         return self.batches_per_epoch
+
+
+class BucketBatchSampler(Sampler):
+    """This process's batches of dataset indices, every batch from one bucket; endless, resumable at any batch.
+
+    `buckets[i]` is clip i's bucket (None: left out). Bucket b's clips are cut into global batches of
+    `batch_size * num_replicas` (its remainder dropped) in a permutation drawn from the bucket's seed plus
+    its own epoch; one epoch of the sampler takes every bucket's batches once, in an order drawn from
+    `seed + epoch`; process `rank` takes its slice of each global batch, so all processes read the same
+    bucket at each step. A bucket with fewer clips than one global batch is left out with a warning.
+
+    State (`state_at(k)`, the position after k global batches, for checkpoints):
+    {"seed", "position": k, "buckets": [{"clips", "seed", "position": batches of this bucket so far}]}.
+    Iteration starts from `state` when given (its seeds are used from then on), else from global batch
+    `start`. A state saved for other buckets (other clip counts) is ignored with a warning.
+    """
+
+    def __init__(self, buckets: Sequence[int | None], batch_size: int, *, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True, start: int = 0, state: dict | None = None,
+                 names: Sequence[str] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n_buckets = max((b for b in buckets if b is not None), default=-1) + 1
+        self.members = [[i for i, b in enumerate(buckets) if b == k] for k in range(n_buckets)]
+        self.batch_size, self.num_replicas, self.rank, self.shuffle = batch_size, num_replicas, rank, shuffle
+        global_size = batch_size * num_replicas
+        self.batches = [len(m) // global_size for m in self.members]
+        for k, m in enumerate(self.members):
+            if m and not self.batches[k]:
+                name = names[k] if names is not None else k
+                logger.warning("bucket %s: its %d clips are fewer than one global batch (%d per process x %d "
+                               "processes); they are left out", name, len(m), batch_size, num_replicas)
+        self.total = sum(self.batches)
+        if self.total == 0:
+            raise ValueError(f"no bucket has a global batch of clips ({batch_size} per process x {num_replicas} "
+                             f"processes); clips per bucket: {[len(m) for m in self.members]}")
+        self.seed = seed
+        self.bucket_seeds = [seed + 1_000_003 * (k + 1) for k in range(n_buckets)]
+        self._orders: dict[int, tuple[int, list[int]]] = {}
+        if state is not None and self._state_fits(state, start):
+            self.seed = int(state["seed"])
+            self.bucket_seeds = [int(b["seed"]) for b in state["buckets"]]
+            self.state = {"seed": self.seed, "position": int(state["position"]),
+                          "buckets": [dict(b) for b in state["buckets"]]}
+        else:
+            self.state = self.state_at(start)
+
+    def _state_fits(self, state: dict, start: int) -> bool:
+        clips = [len(m) for m in self.members]
+        saved = [b.get("clips") for b in state.get("buckets", [])]
+        if saved != clips or state.get("position") != start:
+            logger.warning("the saved data position (clips per bucket %s, batch %s) does not fit this run's "
+                           "(clips per bucket %s, batch %s); the clips or data.buckets changed: restarting the "
+                           "buckets' order at batch %s", saved, state.get("position"), clips, start, start)
+            return False
+        return True
+
+    def schedule(self, epoch: int) -> np.ndarray:
+        """Bucket of each global batch of sampler epoch `epoch` -> int [total]."""
+        ids = np.repeat(np.arange(len(self.batches)), self.batches)
+        if not self.shuffle:
+            return ids
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return ids[torch.randperm(len(ids), generator=g).numpy()]
+
+    def state_at(self, position: int) -> dict:
+        """The state after `position` global batches (see the class docstring)."""
+        epoch, offset = divmod(position, self.total)
+        counts = np.bincount(self.schedule(epoch)[:offset], minlength=len(self.batches))
+        return {"seed": self.seed, "position": position,
+                "buckets": [{"clips": len(m), "seed": s, "position": epoch * nb + int(c)}
+                            for m, s, nb, c in zip(self.members, self.bucket_seeds, self.batches, counts)]}
+
+    def _batch(self, b: int, position: int) -> list[int]:
+        """This process's part of bucket b's global batch number `position` (counted across its epochs)."""
+        epoch, j = divmod(position, self.batches[b])
+        if self._orders.get(b, (None,))[0] != epoch:
+            n = len(self.members[b])
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.bucket_seeds[b] + epoch)).tolist() \
+                if self.shuffle else list(range(n))
+            self._orders[b] = (epoch, order)
+        order = self._orders[b][1]
+        first = j * self.batch_size * self.num_replicas + self.rank * self.batch_size
+        return [self.members[b][i] for i in order[first : first + self.batch_size]]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        position = self.state["position"]
+        per_bucket = [b["position"] for b in self.state["buckets"]]
+        while True:
+            epoch, offset = divmod(position, self.total)
+            for b in self.schedule(epoch)[offset:].tolist():
+                yield self._batch(b, per_bucket[b])
+                per_bucket[b] += 1
+                position += 1
+
+    def __len__(self) -> int:  # endless; one epoch for tools that ask
+        return self.total
 
 
 # -- cache --------------------------------------------------------------------------------------------

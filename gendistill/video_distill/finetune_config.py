@@ -70,7 +70,12 @@ class DataConfig:
     num_frames: int = 49
     height: int = 480
     width: int = 720
-    frame_sampling: str = "uniform"  # uniform | first | stride (VideoREPA's, short clips padded)
+    frame_sampling: str = "uniform"  # uniform (spread) | first | stride (VideoREPA's, short clips padded) | fps
+    fps: Optional[float] = None  # frame_sampling=fps: frames taken at this rate from frame 0 (nearest source frames)
+    # [[frames, height, width], ...]: each clip goes to the bucket nearest its aspect ratio, then its length
+    # (a clip shorter than every bucket is skipped); a batch comes from one bucket. null: every clip at
+    # num_frames x height x width
+    buckets: Optional[List[List[int]]] = None
     shuffle: bool = True
     num_workers: int = 0
     cache: bool = False  # precompute VAE latents, prompt embeddings and teacher tokens
@@ -187,3 +192,35 @@ def check_config(cfg: FinetuneConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    _check_data(cfg)
+
+
+def _check_data(cfg: FinetuneConfig) -> None:
+    """The `data.frame_sampling`, `data.fps` and `data.buckets` checks of `check_config`."""
+    from gendistill.video_distill.data import SAMPLING_MODES
+
+    d = cfg.data
+    if d.frame_sampling not in SAMPLING_MODES:
+        raise ValueError(f"data.frame_sampling must be one of {SAMPLING_MODES}, got {d.frame_sampling!r}")
+    if d.frame_sampling == "fps" and not (isinstance(d.fps, (int, float)) and d.fps > 0):
+        raise ValueError(f"data.fps must be a frame rate > 0 with data.frame_sampling=fps, got {d.fps!r}")
+    if d.fps is not None and d.frame_sampling != "fps":
+        raise ValueError(f"data.fps={d.fps} is set but data.frame_sampling is {d.frame_sampling!r}; set "
+                         "data.frame_sampling=fps to sample at data.fps, or data.fps=null")
+    if d.buckets is None:
+        return
+    if not d.buckets:
+        raise ValueError("data.buckets is empty; give [[frames, height, width], ...] or null")
+    t = cfg.teacher
+    teacher_frames = t.frame_start + t.num_frames if cfg.align.loss != "none" and t.num_frames else 0
+    for i, bucket in enumerate(d.buckets):
+        b = list(bucket)
+        if len(b) != 3 or not all(isinstance(v, int) and v > 0 for v in b):
+            raise ValueError(f"data.buckets[{i}] must be [frames, height, width], positive integers, got {b}")
+        if (b[0] - 1) % 4:
+            raise ValueError(f"data.buckets[{i}]: frames must be 4k+1 for CogVideoX's VAE (49, 33, 9...), got {b[0]}")
+        if b[0] < teacher_frames:
+            raise ValueError(f"data.buckets[{i}] has {b[0]} frames; the teacher reads frames {t.frame_start}.."
+                             f"{teacher_frames - 1} (teacher.frame_start, teacher.num_frames)")
+        if b in [list(x) for x in d.buckets[:i]]:
+            raise ValueError(f"data.buckets[{i}] repeats {b}")

@@ -114,6 +114,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         self.generator = torch.Generator().manual_seed(cfg.seed + 1000003 * self.rank)  # noise, t, latents
         self.step = 0  # optimizer steps done
         self.position = 0  # micro-batches consumed (data position)
+        self._bucket_of = self._resumed_data_state = None  # data.buckets: each clip's bucket; a checkpoint's state
         self.skipped: set[str] = set()
         self.problems: list[str] = []
         self._distributed_kind = acc.distributed_type.name if hasattr(acc.distributed_type, "name") else str(acc.distributed_type)
@@ -206,6 +207,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             "width": cfg.data.width, "sampling": cfg.data.frame_sampling, "text_length": self.text_length,
             "dtype": str(self.weight_dtype), "teacher": None,
         }
+        if cfg.data.frame_sampling == "fps":
+            settings["fps"] = cfg.data.fps
         if self.teacher is not None:
             t = cfg.teacher
             settings["teacher"] = {"name": t.name, "id": model_identity(t.path) if t.path else None,
@@ -222,8 +225,9 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             out["teacher"] = self.teacher(video.to(self.device))
         return out
 
-    def _precompute(self, clips):
-        """Fill the feature cache for `clips` (split across processes); return (clips, keys) that are cached."""
+    def _precompute(self, clips, shapes=None):
+        """Fill the feature cache for `clips` (split across processes; `shapes`: one (frames, height, width)
+        per clip, from its bucket); return (indices of the cached clips, their keys, the cache)."""
         from accelerate.utils import broadcast_object_list
 
         from gendistill.video_distill.data import FeatureCache, clip_fingerprint, file_digests, load_clip
@@ -234,14 +238,16 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         if acc.is_main_process:  # one process reads the videos (or the digest index), all get the keys
             settings = self._cache_settings()
             digests = file_digests([c.video for c in clips], cache.folder / "file_digests.json")
-            keys = [clip_fingerprint(c, settings, d) for c, d in zip(clips, digests)]
+            per_clip = [dict(settings, num_frames=f, height=h, width=w) for f, h, w in shapes] if shapes else None
+            keys = [clip_fingerprint(c, per_clip[i] if per_clip else settings, d)
+                    for i, (c, d) in enumerate(zip(clips, digests))]
         keys = broadcast_object_list([keys])[0]
         todo = [i for i, k in enumerate(keys) if k not in cache]
         with acc.split_between_processes(todo) as mine:
             for i in tqdm(mine, desc="precompute", unit="clip", disable=not acc.is_local_main_process):
                 try:
-                    video = load_clip(clips[i].video, cfg.data.num_frames, cfg.data.height, cfg.data.width,
-                                      cfg.data.frame_sampling)
+                    shape = shapes[i] if shapes else (cfg.data.num_frames, cfg.data.height, cfg.data.width)
+                    video = load_clip(clips[i].video, *shape, cfg.data.frame_sampling, cfg.data.fps)
                 except Exception as err:  # unreadable / too short: counted, never fatal
                     logger.warning("skipping clip %s: %s", clips[i].video, err)
                     continue
@@ -256,29 +262,50 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
                   f"{len(clips) - len(ok)} unreadable)")
         if not ok:
             raise ValueError("no clip could be read; see the warnings above")
-        return [clips[i] for i in ok], [keys[i] for i in ok], cache
+        return ok, [keys[i] for i in ok], cache
 
     def _build_data(self) -> None:
         from torch.utils.data import DataLoader
 
-        from gendistill.video_distill.data import VideoClipDataset, collate_clips
+        from gendistill.video_distill.data import VideoClipDataset, bucket_clips, collate_clips
 
         cfg, clips = self.cfg, self._clips
-        cache = keys = None
+        cache = keys = shapes = self._bucket_of = None
+        if cfg.data.buckets:  # each clip to its bucket; the ones that fit none are skipped (warned, counted)
+            buckets = [tuple(b) for b in cfg.data.buckets]
+            of, left_out = bucket_clips(clips, buckets, cfg.data.frame_sampling, cfg.data.fps)
+            self.skipped.update(left_out)
+            clips, self._bucket_of = [c for c, b in zip(clips, of) if b is not None], [b for b in of if b is not None]
+            shapes = [buckets[b] for b in self._bucket_of]
         if cfg.data.cache:
-            clips, keys, cache = self._precompute(clips)
+            ok, keys, cache = self._precompute(clips, shapes)
+            clips = [clips[i] for i in ok]
+            if shapes:
+                shapes, self._bucket_of = [shapes[i] for i in ok], [self._bucket_of[i] for i in ok]
         self.dataset = VideoClipDataset(clips, num_frames=cfg.data.num_frames, height=cfg.data.height,
-                                        width=cfg.data.width, sampling=cfg.data.frame_sampling, cache=cache, keys=keys)
+                                        width=cfg.data.width, sampling=cfg.data.frame_sampling, fps=cfg.data.fps,
+                                        shapes=shapes, cache=cache, keys=keys)
         self._collate = collate_clips
         self._make_loader = lambda start: DataLoader(
             self.dataset, batch_sampler=self._sampler(start), collate_fn=collate_clips,
             num_workers=cfg.data.num_workers, persistent_workers=False)
 
     def _sampler(self, start: int):
-        from gendistill.video_distill.data import ResumableBatchSampler
+        from gendistill.video_distill.data import BucketBatchSampler, ResumableBatchSampler
 
-        return ResumableBatchSampler(len(self.dataset), self.cfg.batch_size, num_replicas=self.world, rank=self.rank,
-                                     seed=self.cfg.seed, shuffle=self.cfg.data.shuffle, start=start)
+        if self._bucket_of is None:
+            return ResumableBatchSampler(len(self.dataset), self.cfg.batch_size, num_replicas=self.world,
+                                         rank=self.rank, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle, start=start)
+        self.batch_sampler = BucketBatchSampler(  # kept: its state goes into checkpoints (`_data_state`)
+            self._bucket_of, self.cfg.batch_size, num_replicas=self.world, rank=self.rank, seed=self.cfg.seed,
+            shuffle=self.cfg.data.shuffle, start=start, state=self._resumed_data_state,
+            names=[str(list(b)) for b in self.cfg.data.buckets])
+        return self.batch_sampler
+
+    def _data_state(self) -> dict | None:
+        """The bucket sampler's state after the micro-batches consumed (`position`); None without buckets."""
+        sampler = getattr(self, "batch_sampler", None)
+        return sampler.state_at(self.position) if sampler is not None else None
 
     def _new_modules(self, tr) -> AlignedStudent:
         """LoRA adapters (for lora), projector and aligner on `tr`, gradient checkpointing: the student."""
