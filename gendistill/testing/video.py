@@ -81,16 +81,18 @@ def tiny_vae(seed: int = 2):
     ).eval()
 
 
-def tiny_transformer(seed: int = 3, *, num_layers: int = 3, rotary: bool = False):
-    """CogVideoXTransformer3DModel of width 32 (2 heads of 16); `rotary` as CogVideoX-5B, else sin-cos as 2B."""
+def tiny_transformer(seed: int = 3, *, num_layers: int = 3, rotary: bool = False, patch_size_t: int | None = None):
+    """CogVideoXTransformer3DModel of width 32 (2 heads of 16); `rotary` as CogVideoX-5B, else sin-cos as 2B;
+    `patch_size_t=2`: the CogVideoX 1.5 layout (2 latent frames per patch, rotary, no patch bias)."""
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
+    v15 = dict(patch_size_t=patch_size_t, patch_bias=False, use_rotary_positional_embeddings=True) if patch_size_t \
+        else dict(use_rotary_positional_embeddings=rotary)
     return CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
         text_embed_dim=TEXT_DIM, num_layers=num_layers, sample_width=8, sample_height=8, sample_frames=9,
-        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LENGTH,
-        use_rotary_positional_embeddings=rotary,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LENGTH, **v15,
     )
 
 
@@ -105,13 +107,14 @@ def tiny_scheduler():
     )
 
 
-def tiny_pipeline(seed: int = 0, *, rotary: bool = False, num_layers: int = 3):
-    """A `CogVideoXPipeline` of the tiny components (random weights, seeded)."""
+def tiny_pipeline(seed: int = 0, *, rotary: bool = False, num_layers: int = 3, patch_size_t: int | None = None):
+    """A `CogVideoXPipeline` of the tiny components (random weights, seeded); see `tiny_transformer`."""
     from diffusers import CogVideoXPipeline
 
     return CogVideoXPipeline(
         tokenizer=tiny_tokenizer(), text_encoder=tiny_text_encoder(seed + 1), vae=tiny_vae(seed + 2),
-        transformer=tiny_transformer(seed + 3, num_layers=num_layers, rotary=rotary), scheduler=tiny_scheduler(),
+        transformer=tiny_transformer(seed + 3, num_layers=num_layers, rotary=rotary, patch_size_t=patch_size_t),
+        scheduler=tiny_scheduler(),
     )
 
 
@@ -140,7 +143,8 @@ def _save_atomically(obj, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_tiny_models(root: str | os.PathLike, *, overwrite: bool = False, rotary: bool = False) -> dict[str, Path]:
+def write_tiny_models(root: str | os.PathLike, *, overwrite: bool = False, rotary: bool = False,
+                      patch_size_t: int | None = None) -> dict[str, Path]:
     """Write the tiny pipeline to `root/cogvideox` and the tiny teacher to `root/videomae` (save_pretrained).
 
     Folders that already exist are kept unless `overwrite`. Each is written to a temporary folder and
@@ -148,7 +152,8 @@ def write_tiny_models(root: str | os.PathLike, *, overwrite: bool = False, rotar
     """
     root = Path(root)
     paths = {"cogvideox": root / "cogvideox", "videomae": root / "videomae"}
-    for name, build in (("cogvideox", lambda: tiny_pipeline(rotary=rotary)), ("videomae", tiny_videomae)):
+    for name, build in (("cogvideox", lambda: tiny_pipeline(rotary=rotary, patch_size_t=patch_size_t)),
+                        ("videomae", tiny_videomae)):
         folder = paths[name]
         if folder.is_dir() and overwrite:
             shutil.rmtree(folder)

@@ -8,7 +8,8 @@ from torch import nn
 
 from gendistill.core.align.hooks import capture_block
 
-__all__ = ["diffusion_loss", "rotary_embeddings", "encode_video", "sample_latents", "encode_prompts", "AlignedStudent"]
+__all__ = ["diffusion_loss", "rotary_embeddings", "encode_video", "sample_latents", "pad_latent_frames",
+           "encode_prompts", "AlignedStudent"]
 
 
 def diffusion_loss(alphas_cumprod: torch.Tensor, model_output: torch.Tensor, noisy: torch.Tensor,
@@ -63,6 +64,15 @@ def sample_latents(params: torch.Tensor, scaling_factor: float, generator: torch
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
     return ((mean + std * eps) * scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
+    """[B, f, C, h, w] -> [B, f + k, C, h, w] with k copies of the first latent frame in front, k the
+    fewest making f + k a multiple of `patch_size_t` (CogVideoX 1.5 patches 2 latent frames at once;
+    its released finetuning pads at the front, as its pipeline does before dropping them at decode).
+    Unchanged for CogVideoX 1.0 (`patch_size_t` None)."""
+    k = (-latents.shape[1]) % patch_size_t if patch_size_t else 0
+    return torch.cat([latents[:, :1].expand(-1, k, -1, -1, -1), latents], dim=1) if k else latents
 
 
 @torch.no_grad()

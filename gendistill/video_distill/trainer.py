@@ -51,6 +51,7 @@ from gendistill.video_distill.student import (
     diffusion_loss,
     encode_prompts,
     encode_video,
+    pad_latent_frames,
     rotary_embeddings,
     sample_latents,
 )
@@ -366,7 +367,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             feats = {k: batch[k].to(self.device) for k in ("latent_params", "prompt_embeds", "teacher") if k in batch}
         else:
             feats = self._encode_clip_batch(batch["video"].to(self.device), batch["caption"])
-        feats["latents"] = sample_latents(feats["latent_params"], self.vae.config.scaling_factor, generator)
+        latents = sample_latents(feats["latent_params"], self.vae.config.scaling_factor, generator)
+        feats["latents"] = pad_latent_frames(latents, self.transformer.config.patch_size_t)  # CogVideoX 1.5
         return feats
 
     def compute_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
