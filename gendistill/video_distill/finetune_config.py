@@ -1,20 +1,44 @@
 """The `gendistill finetune` config: nested dataclasses (loaded with `gendistill.config.load_config`)
-and `check_config`, which names the first setting that cannot work before anything loads."""
+and `check_config`, which names the first setting that cannot work before anything loads.
+
+Tracking (`report_to`): none | tensorboard | wandb | all, through accelerate's trackers. The default is
+decided when the config is built: "tensorboard" when the tensorboard package is installed, else "none",
+so a missing default tracker never fails a run; naming a tracker that is not installed is an error.
+wandb runs offline with WANDB_MODE=offline (then `wandb sync <output_dir>/logs/wandb/offline-run-*`)."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 __all__ = [
     "TRAINING_TYPES", "ALIGN_LOSSES", "PRECISIONS", "OPTIM_PRESETS", "ModelConfig", "TeacherConfig", "AlignConfig",
     "LoraConfig", "DataConfig", "OptimConfig", "CheckpointConfig", "ValidationConfig", "FinetuneConfig",
-    "check_config",
+    "REPORT_TO", "default_report_to", "tracker_names", "check_config",
 ]
 
 TRAINING_TYPES = ("sft", "lora")
 ALIGN_LOSSES = ("trd", "repa", "none")
 PRECISIONS = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+_TRACKERS = ("tensorboard", "wandb")  # what "all" means: those of them that are installed
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def default_report_to() -> str:
+    """The default of `report_to`: "tensorboard" when tensorboard is installed, else "none"."""
+    return "tensorboard" if _installed("tensorboard") else "none"
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """accelerate tracker names for a `report_to` value ("all": tensorboard and wandb, those installed)."""
+    if report_to == "all":
+        return [t for t in _TRACKERS if _installed(t)]
+    return [] if report_to == "none" else [report_to]
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -129,7 +153,11 @@ class ValidationConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 6.0
     fps: float = 8.0
-    seed: int = 42
+    seed: int = 42  # prompt K generates with seed + K; held-out clip K draws its noise and timestep from seed + K
+    # held-out validation loss (val/loss_diffusion, val/loss_align) every `every` steps: a folder or manifest
+    # of clips (as data.path, read at data.num_frames x height x width); null: none
+    data: Optional[str] = None
+    loss_clips: int = 8  # the first N clips of validation.data
 
 
 @dataclass
@@ -146,6 +174,9 @@ class FinetuneConfig:
     log_every: int = 1
     export: bool = True
     max_nonfinite_steps: int = 10  # an optimizer step with NaN/inf loss or gradients is skipped; this many in a row stop
+    # none | tensorboard (logs/<tracker_project>/) | wandb | all; default: tensorboard if installed, else none
+    report_to: str = field(default_factory=default_report_to)
+    tracker_project: str = "videorepa"  # tensorboard: the run folder under logs/; wandb: the project
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -188,10 +219,16 @@ def check_config(cfg: FinetuneConfig) -> None:
                                                  f"got {cfg.teacher.dtype!r}"),
         (len(cfg.teacher.image_size) == 2, f"teacher.image_size must be [height, width], got {cfg.teacher.image_size}"),
         (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
+        (cfg.validation.loss_clips >= 1, f"validation.loss_clips must be >= 1, got {cfg.validation.loss_clips}"),
+        (cfg.report_to in REPORT_TO, f"report_to must be one of {REPORT_TO}, got {cfg.report_to!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    for name in _TRACKERS:
+        if cfg.report_to == name and not _installed(name):
+            raise ValueError(f"report_to={name} but {name} is not installed: pip install {name} "
+                             "(or report_to=none)")
     _check_data(cfg)
 
 

@@ -19,7 +19,11 @@ Per step, for a batch of clips (video [B, F, 3, H, W] in [0, 1], captions):
 Outputs under `output_dir`: `checkpoints/checkpoint-N/` (accelerate state + per-process trainer
 state; the last `checkpoint.keep` kept), `validation/step-NNNNNN_prompt-KK.mp4`, `export/`
 (`pytorch_lora_weights.safetensors` or `transformer/`, plus the heads `projector/` and `aligner/`),
-`logs/train_log.jsonl`, `config.yaml`.
+`logs/train_log.jsonl`, `config.yaml`; with `report_to` (accelerate's trackers, main process only)
+`logs/<tracker_project>/` (tensorboard) or `logs/wandb/`: train/loss, train/loss_diffusion,
+train/loss_align, train/lr, train/grad_norm, train/clips_per_s, train/max_memory_allocated_gb (GPU) or
+train/rss_gb (CPU) every `log_every` steps; val/loss_diffusion, val/loss_align (`validation_loss`) and the
+validation videos (validation/prompt-KK) every `validation.every` steps.
 
 Multi-GPU / multi-node: `accelerate launch -m gendistill finetune ...` (DDP, DeepSpeed ZeRO-2, FSDP
 as the accelerate config says); on CPU several processes start with `torchrun`.
@@ -45,7 +49,7 @@ from gendistill.core.io import atomic_path
 from gendistill.video_distill.checkpoints import CheckpointMixin
 from gendistill.video_distill.distributed import agreed, check_shared_folders
 from gendistill.video_distill.export import ExportMixin
-from gendistill.video_distill.finetune_config import FinetuneConfig, check_config
+from gendistill.video_distill.finetune_config import FinetuneConfig, check_config, tracker_names
 from gendistill.video_distill.student import (
     AlignedStudent,
     diffusion_loss,
@@ -89,6 +93,48 @@ def _dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+# -- tracking ---------------------------------------------------------------------------------------
+def _flat_config(cfg) -> dict:
+    """The config as {"a.b": value} with scalar values (lists as text): tracker hyperparameters."""
+    from dataclasses import asdict
+
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                flat[prefix + key] = value
+            else:
+                flat[prefix + key] = json.dumps(value)
+
+    walk(asdict(cfg), "")
+    return flat
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory allocated (GiB) on a GPU; the process's resident memory (GiB) elsewhere."""
+    if device.type == "cuda":
+        return {"train/max_memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import psutil  # an accelerate dependency
+
+    return {"train/rss_gb": psutil.Process().memory_info().rss / 2**30}
+
+
+def _tensorboard_video(writer, tag: str, frames, step: int, fps: float) -> None:
+    """Frames [T, H, W, 3] uint8 as an animated GIF image summary, as `SummaryWriter.add_video` writes it,
+    without its moviepy dependency (moviepy 2 lacks the `moviepy.editor` it imports)."""
+    import imageio.v3 as iio
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    gif = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000.0 / fps, loop=0)
+    _, h, w, c = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif)
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    writer.flush()
+
+
 # -- the trainer ------------------------------------------------------------------------------------
 class VideoREPATrainer(CheckpointMixin, ExportMixin):
     """Holds the models, data, optimizer and accelerator of one finetuning run; `train()` runs it."""
@@ -104,7 +150,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         cpu = not torch.cuda.is_available()
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            cpu=cpu, project_config=ProjectConfiguration(project_dir=str(self.out)),
+            cpu=cpu, log_with=tracker_names(cfg.report_to) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         acc = self.accelerator
         self.device = acc.device
@@ -118,6 +165,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         self._bucket_of = self._resumed_data_state = None  # data.buckets: each clip's bucket; a checkpoint's state
         self.skipped: set[str] = set()
         self.problems: list[str] = []
+        self.grad_norm = None  # of the last optimizer step (before clipping); None when it was skipped
+        self._val_clips, self._val_feats = [], {}  # held-out clips (validation.data); their frozen features
         self._distributed_kind = acc.distributed_type.name if hasattr(acc.distributed_type, "name") else str(acc.distributed_type)
 
         shared = [self.out] + [Path(p) for p in (cfg.data.cache_dir,) if p and data and cfg.data.cache]
@@ -129,6 +178,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             from gendistill.video_distill.data import discover_clips
 
             self._clips, self.problems = discover_clips(cfg.data.path, cfg.data.root)
+            self._val_clips = self._validation_clips()
         self._load_models()
         if data:
             self._build_data()
@@ -156,6 +206,26 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             if cfg.teacher.path and cfg.align.loss != "none" and not Path(cfg.teacher.path).exists():
                 _save_atomically(tiny_videomae(), Path(cfg.teacher.path))
         self.accelerator.wait_for_everyone()
+
+    def _validation_clips(self) -> list:
+        """The first `validation.loss_clips` clips of `validation.data`, each probed (long enough for
+        data.num_frames) before any model loads; [] without validation.data."""
+        from gendistill.video_distill.data import discover_clips, probe_video, sample_frame_indices
+
+        v, d = self.cfg.validation, self.cfg.data
+        if not v.data:
+            return []
+        try:
+            clips = discover_clips(v.data)[0][: v.loss_clips]
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"validation.data: {err}") from None
+        for clip in clips:
+            try:
+                info = probe_video(clip.video)
+                sample_frame_indices(info.frames, d.num_frames, d.frame_sampling, fps=d.fps, source_fps=info.fps)
+            except ValueError as err:
+                raise ValueError(f"validation.data: {clip.video}: {err}") from None
+        return clips
 
     def _load_models(self) -> None:
         from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
@@ -408,8 +478,9 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             losses = self.compute_losses(batch)
             acc.backward(losses["loss"])
             skip = acc.sync_gradients and self._nonfinite(losses["loss"])
-            if acc.sync_gradients and cfg.optim.max_grad_norm > 0 and not skip:
-                acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+            if acc.sync_gradients:  # the norm is logged; max_grad_norm <= 0 measures it without clipping
+                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+                self.grad_norm = None if skip else acc.clip_grad_norm_(self.params, max_norm)
             if not skip:
                 self.optimizer.step()
                 self.lr_scheduler.step()
@@ -448,6 +519,94 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    # -- tracking and the validation loss ---------------------------------------------------------
+    def _start_tracking(self) -> None:
+        """Start accelerate's trackers (`report_to`; main process, once), the config as hyperparameters."""
+        acc = self.accelerator
+        if not acc.log_with or acc.trackers:
+            return
+        kwargs = {"wandb": {"name": self.out.name, "dir": str(self.out / "logs")}}
+        if self.step:  # resumed: tensorboard drops the earlier events of the steps run again
+            kwargs["tensorboard"] = {"purge_step": self.step + 1}
+        acc.init_trackers(self.cfg.tracker_project, config=_flat_config(self.cfg), init_kwargs=kwargs)
+
+    def _track(self, record: dict, seconds: float, steps: int) -> None:
+        """Send a logged step to the trackers: its losses and lr, the grad norm, clips/s over the `steps`
+        optimizer steps since the last log (`seconds` of training), memory."""
+        acc, cfg = self.accelerator, self.cfg
+        if not acc.trackers:  # report_to=none, or not the main process
+            return
+        values = {"train/loss": record["loss"], "train/loss_diffusion": record["diffusion"], "train/lr": record["lr"]}
+        if self.teacher is not None:
+            values["train/loss_align"] = record["align"]
+        if self.grad_norm is not None:
+            values["train/grad_norm"] = float(self.grad_norm)
+        if seconds > 0:
+            clips = steps * cfg.batch_size * cfg.gradient_accumulation_steps * self.world
+            values["train/clips_per_s"] = clips / seconds
+        values.update(_memory(self.device))
+        acc.log(values, step=record["step"])
+
+    def _val_features(self, i: int) -> dict:
+        """Frozen-model features of held-out clip i (computed once, kept on the CPU)."""
+        from gendistill.video_distill.data import load_clip
+
+        if i not in self._val_feats:
+            d, clip = self.cfg.data, self._val_clips[i]
+            video = load_clip(clip.video, d.num_frames, d.height, d.width, d.frame_sampling, d.fps)
+            feats = self._encode_clip_batch(video[None], [clip.caption])
+            self._val_feats[i] = {k: v[0].cpu() for k, v in feats.items()}
+        return self._val_feats[i]
+
+    @torch.no_grad()
+    def validation_loss(self) -> dict[str, float]:
+        """Mean losses over the held-out clips (the first `validation.loss_clips` of `validation.data`),
+        clip K drawing its latent sample, noise and timestep from seed `validation.seed + K`: the same
+        weights give the same values. {"val/loss_diffusion", "val/loss_align" (alignment on)}; {} without
+        validation.data. Every process takes part (an equal share of the clips) and gets the result."""
+        from accelerate.utils import gather_object
+
+        if not self._val_clips:
+            return {}
+        acc, seed = self.accelerator, self.cfg.validation.seed
+        was_training = self.student.training
+        self.student.eval()
+        results = []
+        with acc.split_between_processes(list(range(len(self._val_clips))), apply_padding=True) as mine:
+            for i in mine:  # padding repeats a clip: every process runs as many forwards (sharded models)
+                feats = self._val_features(i)
+                losses = self.compute_losses({k: v[None] for k, v in feats.items()},
+                                             torch.Generator().manual_seed(seed + i))
+                results.append((i, float(losses["diffusion"]), float(losses["align"])))
+        self.student.train(was_training)
+        per_clip = {i: (d, a) for i, d, a in (gather_object(results) if self.world > 1 else results)}
+        order = sorted(per_clip)
+        out = {"val/loss_diffusion": sum(per_clip[i][0] for i in order) / len(order)}
+        if self.teacher is not None:
+            out["val/loss_align"] = sum(per_clip[i][1] for i in order) / len(order)
+        return out
+
+    def _track_validation(self, values: dict[str, float]) -> None:
+        """Send the validation losses and this step's validation videos to the trackers (main process):
+        tensorboard as animated images, wandb as `wandb.Video`; tag validation/prompt-KK."""
+        from gendistill.core.media import read_video
+
+        acc, v = self.accelerator, self.cfg.validation
+        if not acc.trackers:
+            return
+        if values:
+            acc.log(values, step=self.step)
+        for path in sorted((self.out / "validation").glob(f"step-{self.step:06d}_prompt-*.mp4")):
+            k = int(path.stem.rsplit("-", 1)[1])
+            tag = f"validation/prompt-{k:02d}"
+            for tracker in acc.trackers:
+                if tracker.name == "tensorboard":
+                    _tensorboard_video(tracker.writer, tag, read_video(path), self.step, v.fps)
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.run.log({tag: wandb.Video(str(path), caption=v.prompts[k])}, step=self.step)
+
     def _total_skipped(self) -> int:
         from accelerate.utils import gather_object
 
@@ -455,28 +614,35 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         return len({p for paths in every for p in paths})
 
     def train(self) -> dict:
-        """Run until `max_steps` optimizer steps; checkpoint, validate, export. Returns a summary dict."""
+        """Run until `max_steps` optimizer steps; checkpoint, validate, export. Returns a summary dict.
+
+        The trackers stay open for more logging: `accelerator.end_training()` ends them (`finetune` does)."""
         cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "logs").mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out / "config.yaml") as tmp:
                 tmp.write_text(to_yaml(cfg))
             print(f"finetune ({cfg.training_type}, align {cfg.align.loss}): {len(self.dataset)} clips, "
                   f"{self.n_trainable:,} trainable parameters, {self.world} process(es), output {self.out}/")
+        self._start_tracking()
         self.student.train()
         history = []
         start_time = time.perf_counter()
+        busy, since = 0.0, 0  # seconds in training steps and optimizer steps since the last log
         loader = iter(self._make_loader(self.position))
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="finetune", unit="step",
                    disable=not acc.is_local_main_process)
         accum: list[dict] = []
         preempted = _Flag(signal.SIGTERM)  # preemption: checkpoint, then stop (the CLI exits 143)
         while self.step < cfg.max_steps:
+            tick = time.perf_counter()
             metrics = self.training_step(next(loader))
+            busy += time.perf_counter() - tick
             accum.append(metrics)
             if not acc.sync_gradients:
                 continue
             self.step += 1
+            since += 1
             bar.update(1)
             record = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]}
             record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=len(self.skipped),
@@ -485,9 +651,14 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             history.append(record)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self._log(record)
+                self._track(record, busy, since)
+                busy, since = 0.0, 0
                 bar.set_postfix(loss=f"{record['loss']:.4f}", align=f"{record['align']:.4f}")
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()  # before the checkpoint: a run killed in between redoes this step's videos
+                val = self.validation_loss()
+                record.update(val)  # in the summary's history (the JSONL record was written above)
+                self._track_validation(val)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
             if agreed(self.accelerator, preempted.raised):
@@ -515,6 +686,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
                 where.append(f"validation videos in {self.out / 'validation'}/")
             if export:
                 where.append(f"export in {export}/")
+            if acc.trackers:
+                where.append(f"{', '.join(t.name for t in acc.trackers)} logs in {self.out / 'logs'}/")
             print(f"finetune done: step {self.step}; " + ", ".join(where or [f"log in {self.out / 'logs'}/"]))
         return {"step": self.step, "history": history, "seconds": elapsed, "export": export,
                 "skipped": skipped, "problems": list(self.problems), "interrupted": False}
@@ -537,5 +710,9 @@ class _Flag:
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Build a `VideoREPATrainer` for `cfg` and train it; returns the summary dict."""
-    return VideoREPATrainer(cfg).train()
+    """Build a `VideoREPATrainer` for `cfg`, train it and end its trackers (`accelerator.end_training`,
+    which also ends the process group); returns the summary dict."""
+    trainer = VideoREPATrainer(cfg)
+    summary = trainer.train()
+    trainer.accelerator.end_training()
+    return summary
