@@ -14,8 +14,12 @@ then its length; `BucketBatchSampler` draws each batch from one bucket and resum
 
 Sources: a folder (every video with a `.txt` caption beside it, searched recursively), a CSV
 manifest (columns `video` / `path` / `file` and `caption` / `prompt` / `text`), a JSON manifest (a
-list of such objects, or `{"clips": [...]}`) or JSON Lines. Relative paths in a manifest are
-resolved against `root`, else the manifest's folder.
+list of such objects, or `{"clips": [...]}`), JSON Lines, Parquet (the same columns, read with
+pyarrow), or a Hugging Face `datasets` folder (`save_to_disk`; its video column holds paths or the
+video bytes, read lazily: `DatasetVideo`). Relative paths are resolved against `root`, else the
+manifest's folder. WebDataset shards (`shards/train-{000000..000009}.tar`, or a folder of .tar files)
+are streamed, not listed: `WebDatasetClips` yields the same items, each process and DataLoader worker
+reading its own shards. Bytes (dataset cells, tar members) decode with the same streaming decoder.
 
 Bad input never stops a run: a manifest row pointing nowhere or a video without caption is left
 out at discovery (returned in `problems`); a video that cannot be decoded or is shorter than
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -43,7 +48,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from gendistill.core.io import atomic_path
 from gendistill.core.media import read_video
@@ -52,8 +57,11 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "SAMPLING_MODES",
     "Clip",
+    "DatasetVideo",
     "VideoInfo",
     "discover_clips",
+    "is_shard_source",
+    "expand_shards",
     "probe_video",
     "sample_frame_indices",
     "frames_available",
@@ -65,6 +73,7 @@ __all__ = [
     "VideoClipDataset",
     "ResumableBatchSampler",
     "BucketBatchSampler",
+    "WebDatasetClips",
     "collate_clips",
     "file_digest",
     "file_digests",
@@ -80,13 +89,40 @@ _VIDEO_COLUMNS = ("video", "path", "file", "video_path", "filename")
 _CAPTION_COLUMNS = ("caption", "prompt", "text", "title")
 SAMPLING_MODES = ("uniform", "first", "stride", "fps")
 _RESIZE_CHUNK = 4  # frames converted to float and resized at a time (bounds the float copy of 1080p frames)
+_VIDEO_MEMBERS = {e[1:] for e in VIDEO_EXTENSIONS}
+_SHARD_MEMBERS = _VIDEO_MEMBERS | {"txt", "json"}  # the tar members a WebDataset sample uses
+_HF_DATASETS: dict[tuple, object] = {}  # (Hugging Face datasets folder, mtime) -> its loaded dataset, per process
+
+
+@dataclass(frozen=True)
+class DatasetVideo:
+    """A video held in row `row` (from 0) of column `column` of a Hugging Face datasets folder: its bytes,
+    or a path (relative to the folder) for columns of `{"bytes", "path"}` (datasets' `Video`)."""
+
+    folder: Path
+    column: str
+    row: int
+
+    def __str__(self) -> str:
+        return f"{self.folder}[{self.row}].{self.column}"
+
+    def read_bytes(self) -> bytes:
+        value = _hf_dataset(self.folder)[self.row][self.column]
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            return (path if path.is_absolute() else self.folder / path).read_bytes()
+        if not value:
+            raise ValueError("no video in this cell")
+        return bytes(value)
 
 
 @dataclass(frozen=True)
 class Clip:
-    """One training clip: a video file and its caption."""
+    """One training clip: a video (file, or `DatasetVideo`) and its caption."""
 
-    video: Path
+    video: Path | DatasetVideo
     caption: str
 
 
@@ -109,36 +145,162 @@ def _pick_column(keys: Sequence[str], wanted: Sequence[str], what: str, source: 
     raise ValueError(f"{source}: no {what} column; expected one of {', '.join(wanted)}, found {', '.join(keys)}")
 
 
-def _manifest_rows(path: Path) -> list[dict]:
+def _parquet_rows(path: Path) -> tuple[list[str], list[dict]]:
+    """A Parquet manifest's column names and rows (only its video and caption columns are read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # not Parquet, truncated
+        raise ValueError(f"{path}: cannot read the Parquet manifest: {err}") from err
+    keys = list(schema.names)
+    vcol = _pick_column(keys, _VIDEO_COLUMNS, "video", path)
+    ccol = _pick_column(keys, _CAPTION_COLUMNS, "caption", path)
+    vtype = schema.field(vcol).type
+    if pa.types.is_binary(vtype) or pa.types.is_large_binary(vtype) or pa.types.is_fixed_size_binary(vtype):
+        raise ValueError(f"{path}: column {vcol} holds video bytes; a manifest lists paths (keep bytes in a "
+                         "Hugging Face datasets folder or WebDataset shards)")
+    return keys, pq.read_table(path, columns=[vcol, ccol]).to_pylist()
+
+
+def _manifest_rows(path: Path) -> tuple[list[str], list]:
+    """A manifest's column names (those of its first object for JSON) and its rows."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
+    if suffix == ".parquet":
+        return _parquet_rows(path)
     if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            data = data.get("clips", data.get("data"))
-        if not isinstance(data, list):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(rows, dict):
+            rows = rows.get("clips", rows.get("data"))
+        if not isinstance(rows, list):
             raise ValueError(f"{path}: a JSON manifest must be a list of {{video, caption}} objects or {{\"clips\": [...]}}")
-        return data
-    raise ValueError(f"{path}: unknown manifest type {suffix!r}; use a folder, .csv, .json or .jsonl")
+    else:
+        raise ValueError(f"{path}: unknown manifest type {suffix!r}; use a folder, .csv, .json, .jsonl or .parquet")
+    first = next((row for row in rows if isinstance(row, dict)), {})
+    return list(first), rows
+
+
+def _listed_clips(rows, vcol: str, ccol: str, base: Path) -> tuple[list[Clip], list[str]]:
+    """Clips of manifest rows, given as (where, row) pairs: each row's video path (relative to `base`) and
+    caption; a row left out is a problem line starting with its `where`."""
+    clips, problems = [], []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            problems.append(f"{where}: not an object")
+            continue
+        video, caption = str(row.get(vcol) or "").strip(), str(row.get(ccol) or "").strip()
+        path = Path(video).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not video:
+            problems.append(f"{where}: empty video path")
+        elif not path.is_file():
+            problems.append(f"{where}: video {path} does not exist")
+        elif not caption:
+            problems.append(f"{where}: empty caption for {path}")
+        else:
+            clips.append(Clip(path, caption))
+    return clips, problems
+
+
+def _hf_folder(source: Path) -> Path | None:
+    """The dataset folder when `source` is `save_to_disk` output (of a DatasetDict: its "train" split, or
+    its only one), else None."""
+    if (source / "state.json").is_file() and (source / "dataset_info.json").is_file():
+        return source
+    splits_file = source / "dataset_dict.json"
+    if not splits_file.is_file():
+        return None
+    splits = json.loads(splits_file.read_text()).get("splits", [])
+    split = "train" if "train" in splits else splits[0] if len(splits) == 1 else None
+    if split is None:
+        raise ValueError(f"{source}: a dataset with splits {', '.join(splits)} and none named train: give the "
+                         "split's folder")
+    return source / split
+
+
+def _hf_dataset(folder: Path):
+    """The `datasets.Dataset` saved in `folder` (memory-mapped, loaded once per process); columns that
+    decode (datasets' Video, Image) are read raw, as {"bytes", "path"}."""
+    from dataclasses import replace
+
+    path, state = os.path.abspath(folder), Path(folder) / "state.json"
+    key = (path, state.stat().st_mtime_ns if state.is_file() else 0)  # a folder saved again is loaded again
+    if key not in _HF_DATASETS:
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as err:  # missing arrow files, a version it cannot read
+            raise ValueError(f"{folder}: cannot load the Hugging Face dataset: {err}") from err
+        for name, feature in ds.features.items():
+            if getattr(feature, "decode", None) is True:
+                ds = ds.cast_column(name, replace(feature, decode=False))
+        _HF_DATASETS[key] = ds
+    return _HF_DATASETS[key]
+
+
+def _hf_clips(folder: Path, root: str | os.PathLike | None) -> tuple[list[Clip], list[str]]:
+    """Clips of a Hugging Face datasets folder: a column of paths as in a manifest (relative to `root`, else
+    the folder), or of video bytes (`DatasetVideo` clips, read when the clip is). Rows are named folder[i]."""
+    import pyarrow.compute as pc
+
+    ds = _hf_dataset(folder)
+    vcol = _pick_column(ds.column_names, _VIDEO_COLUMNS, "video", folder)
+    ccol = _pick_column(ds.column_names, _CAPTION_COLUMNS, "caption", folder)
+    feature, captions = ds.features[vcol], list(ds[ccol])
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        base = Path(root).expanduser() if root else folder
+        rows = ((f"{folder}[{i}]", {vcol: v, ccol: c}) for i, (v, c) in enumerate(zip(ds[vcol], captions)))
+        return _listed_clips(rows, vcol, ccol, base)
+    if dtype in ("binary", "large_binary"):
+        sizes = pc.binary_length(ds.data.column(vcol)).to_pylist()  # from the offsets: no bytes read
+    elif hasattr(feature, "decode"):  # {"bytes", "path"} cells (datasets' Video): checked when read
+        sizes = pc.is_valid(ds.data.column(vcol)).to_pylist()
+    else:
+        raise ValueError(f"{folder}: column {vcol} holds {feature}; expected video paths (string) or video "
+                         "bytes (binary)")
+    clips, problems = [], []
+    for i, (size, caption) in enumerate(zip(sizes, captions)):
+        caption = str(caption or "").strip()
+        if not size:
+            problems.append(f"{folder}[{i}]: no video in column {vcol}")
+        elif not caption:
+            problems.append(f"{folder}[{i}]: empty caption")
+        else:
+            clips.append(Clip(DatasetVideo(folder, vcol, i), caption))
+    return clips, problems
 
 
 def discover_clips(source: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[list[Clip], list[str]]:
-    """Find the clips of a folder or manifest.
+    """Find the clips of a folder, manifest (.csv, .json, .jsonl, .parquet) or Hugging Face datasets folder.
 
     Returns (clips sorted by path for folders / in manifest order, problems), where each problem is
     one line naming a row or file that was left out and why. Raises FileNotFoundError when `source`
-    does not exist and ValueError when it holds no usable clip.
+    does not exist and ValueError when it holds no usable clip, lacks a video or caption column (the
+    error names the manifest and the columns), or is WebDataset shards (streamed: `WebDatasetClips`).
     """
+    if is_shard_source(source):
+        raise ValueError(f"{source} holds WebDataset shards, which are streamed rather than listed: read them "
+                         "with WebDatasetClips")
     source = Path(source).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"training data {source} does not exist (give a folder of videos with .txt "
-                                "captions, or a .csv / .json / .jsonl manifest)")
+                                "captions, a .csv / .json / .jsonl / .parquet manifest, a Hugging Face datasets "
+                                "folder or WebDataset shards)")
     clips, problems = [], []
-    if source.is_dir():
+    hf_folder = _hf_folder(source) if source.is_dir() else None
+    if hf_folder is not None:
+        clips, problems = _hf_clips(hf_folder, root)
+    elif source.is_dir():
         for video in sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
             caption_file = video.with_suffix(".txt")
             if not caption_file.is_file():
@@ -150,27 +312,13 @@ def discover_clips(source: str | os.PathLike, root: str | os.PathLike | None = N
                 continue
             clips.append(Clip(video, caption))
     else:
-        base = Path(root).expanduser() if root else source.parent
-        rows = _manifest_rows(source)
-        if rows:
-            keys = list(rows[0].keys())
+        keys, rows = _manifest_rows(source)
+        if keys or rows:
             vcol = _pick_column(keys, _VIDEO_COLUMNS, "video", source)
             ccol = _pick_column(keys, _CAPTION_COLUMNS, "caption", source)
-        for i, row in enumerate(rows, start=1):
-            if not isinstance(row, dict):
-                problems.append(f"{source} row {i}: not an object")
-                continue
-            video, caption = str(row.get(vcol) or "").strip(), str(row.get(ccol) or "").strip()
-            path = Path(video).expanduser()
-            path = path if path.is_absolute() else base / path
-            if not video:
-                problems.append(f"{source} row {i}: empty video path")
-            elif not path.is_file():
-                problems.append(f"{source} row {i}: video {path} does not exist")
-            elif not caption:
-                problems.append(f"{source} row {i}: empty caption for {path}")
-            else:
-                clips.append(Clip(path, caption))
+            base = Path(root).expanduser() if root else source.parent
+            rows = ((f"{source} row {i}", row) for i, row in enumerate(rows, start=1))
+            clips, problems = _listed_clips(rows, vcol, ccol, base)
     for problem in problems:
         logger.warning("skipping %s", problem)
     if not clips:
@@ -240,17 +388,27 @@ def frames_available(num_available: int, mode: str = "uniform", *, fps: float | 
     return f
 
 
-def _open_video(path: str | os.PathLike):
-    """An open PyAV container with a video stream; ValueError naming the file otherwise."""
+def _video_name(source) -> str:
+    """How messages name a video source: its path, its `DatasetVideo`, or "<N bytes>"."""
+    return f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+
+
+def _open_video(source, name: str | None = None):
+    """An open PyAV container with a video stream, from a path, bytes (decoded from a BytesIO, seekable: the
+    same streaming decode as a file) or a `DatasetVideo`; ValueError naming the source (`name`) otherwise."""
     import av
 
+    name = name or _video_name(source)
     try:
-        container = av.open(str(path))
+        if isinstance(source, DatasetVideo):
+            source = source.read_bytes()
+        file = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+        container = av.open(file)
     except Exception as err:  # PyAV raises many types for bad files
-        raise ValueError(f"cannot read video {path}: {err}") from err
+        raise ValueError(f"cannot read video {name}: {err}") from err
     if not container.streams.video:
         container.close()
-        raise ValueError(f"cannot read video {path}: no video stream")
+        raise ValueError(f"cannot read video {name}: no video stream")
     return container
 
 
@@ -284,11 +442,11 @@ def _stream_info(container, path) -> tuple[VideoInfo, bool]:
     return VideoInfo(frames, float(rate) if rate else None, int(cc.height), int(cc.width)), counted
 
 
-def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, rate and size of a video from its header (no frame decoded; the packets are counted
-    when the header has no count). ValueError naming the file when it cannot be read."""
+def probe_video(path) -> VideoInfo:
+    """Frame count, rate and size of a video (a path, bytes or `DatasetVideo`) from its header (no frame
+    decoded; the packets are counted when the header has no count). ValueError naming it when it cannot be read."""
     with _open_video(path) as container:
-        return _stream_info(container, path)[0]
+        return _stream_info(container, _video_name(path))[0]
 
 
 def _decoded_frames(container, stream):
@@ -374,18 +532,20 @@ def _read_frames(container, indices: Sequence[int], path, rewind: bool = False) 
     return out
 
 
-def decode_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
-    """Decode only frames `indices` of a video (PyAV, see `_read_frames`) -> uint8 [len(indices), H, W, 3].
+def decode_frames(path, indices: Sequence[int]) -> np.ndarray:
+    """Decode only frames `indices` of a video (a path, bytes or `DatasetVideo`; PyAV, see `_read_frames`)
+    -> uint8 [len(indices), H, W, 3].
 
-    ValueError naming the file when it cannot be read or ends before an index.
+    ValueError naming the video when it cannot be read or ends before an index.
     """
+    name = _video_name(path)
     with _open_video(path) as container:
         try:
-            return _read_frames(container, indices, path)
+            return _read_frames(container, indices, name)
         except ValueError:
             raise
         except Exception as err:  # decoder errors of a damaged file
-            raise ValueError(f"cannot read video {path}: {err}") from err
+            raise ValueError(f"cannot read video {name}: {err}") from err
 
 
 def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -409,23 +569,25 @@ def _to_tensor(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     return out
 
 
-def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int, sampling: str = "uniform",
-              fps: float | None = None) -> torch.Tensor:
-    """Decode the sampled frames of a video and return [num_frames, 3, height, width] float32 in [0, 1].
+def load_clip(path, num_frames: int, height: int, width: int, sampling: str = "uniform",
+              fps: float | None = None, *, name: str | None = None) -> torch.Tensor:
+    """Decode the sampled frames of a video (a path, bytes or `DatasetVideo`) and return
+    [num_frames, 3, height, width] float32 in [0, 1].
 
-    Only the sampled frames are decoded (`_read_frames`). Raises ValueError naming the file when it
-    cannot be decoded or is too short.
+    Only the sampled frames are decoded (`_read_frames`). Raises ValueError naming the video (`name`, else
+    its path) when it cannot be decoded or is too short.
     """
-    with _open_video(path) as container:
+    name = name or _video_name(path)
+    with _open_video(path, name) as container:
         try:
-            info, counted = _stream_info(container, path)
+            info, counted = _stream_info(container, name)
             idx = sample_frame_indices(info.frames, num_frames, sampling, fps=fps, source_fps=info.fps)
-            frames = _read_frames(container, idx, path, rewind=counted)
+            frames = _read_frames(container, idx, name, rewind=counted)
         except ValueError as err:
             msg = str(err)
-            raise ValueError(msg if str(path) in msg else f"video {path} {msg}") from None
+            raise ValueError(msg if name in msg else f"video {name} {msg}") from None
         except Exception as err:  # decoder errors of a damaged file
-            raise ValueError(f"cannot read video {path}: {err}") from err
+            raise ValueError(f"cannot read video {name}: {err}") from err
     return _to_tensor(frames, height, width)
 
 
@@ -692,9 +854,185 @@ class BucketBatchSampler(Sampler):
         return self.total
 
 
+# -- WebDataset shards --------------------------------------------------------------------------------
+def _is_url(shard: str) -> bool:
+    return shard.startswith("pipe:") or "://" in shard
+
+
+def is_shard_source(source: str | os.PathLike) -> bool:
+    """Whether `source` names WebDataset shards: a path, URL or brace pattern ending in .tar
+    (`shards/train-{000000..000009}.tar`), or a folder holding .tar files and no videos."""
+    text = str(source)
+    if text.lower().endswith(".tar"):
+        return True
+    folder = Path(text).expanduser()
+    if not folder.is_dir():
+        return False
+    suffixes = {p.suffix.lower() for p in folder.iterdir() if p.is_file()}
+    return ".tar" in suffixes and not suffixes & set(VIDEO_EXTENSIONS)
+
+
+def expand_shards(source: str | os.PathLike) -> list[str]:
+    """The shards of a WebDataset source: a folder's .tar files by name, or a brace pattern expanded
+    (webdataset's `expand_urls`; patterns joined by "::" too). FileNotFoundError naming a local shard
+    that does not exist, ValueError when there is none."""
+    from webdataset.shardlists import expand_urls
+
+    folder = Path(str(source)).expanduser()
+    if folder.is_dir():
+        shards = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() == ".tar" and p.is_file())
+    else:
+        shards = [s if _is_url(s) else str(Path(s).expanduser()) for s in expand_urls(str(source))]
+    missing = [s for s in shards if not _is_url(s) and not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"training data {source}: {len(missing)} of {len(shards)} shards do not exist "
+                                f"(first: {missing[0]})")
+    if not shards:
+        raise ValueError(f"no .tar shards in {source}")
+    return shards
+
+
+def _sample_video(sample: dict) -> str | None:
+    """The key of a WebDataset sample's video member (its extension: mp4, webm, mkv, ...), None without one."""
+    return next((k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in _VIDEO_MEMBERS), None)
+
+
+def _sample_caption(sample: dict) -> str:
+    """A WebDataset sample's caption: its .txt member, else the caption field of its .json member ("" if none)."""
+    if sample.get("txt") is not None:
+        return sample["txt"].decode("utf-8").strip()
+    if sample.get("json") is not None:
+        meta = json.loads(sample["json"])
+        if isinstance(meta, dict):
+            lower = {str(k).lower().strip(): v for k, v in meta.items()}
+            return next((str(lower[c]).strip() for c in _CAPTION_COLUMNS if lower.get(c)), "")
+    return ""
+
+
+class WebDatasetClips(IterableDataset):
+    """WebDataset shards streamed as `VideoClipDataset`'s items: {"video": [F, 3, H, W] in [0, 1], "caption",
+    "key": "shard:sample key", "index": items so far in this stream, "skipped": [...]}.
+
+    A sample is `key.mp4` (or .webm, .mkv, ...) with `key.txt` (the caption) or `key.json` (a caption
+    field, named as manifest columns are). Epoch e orders the shards by a permutation drawn from
+    `seed + e`; process `rank` of `world` takes every world-th shard of it and DataLoader worker w of n
+    every n-th of those, so each shard is read once per epoch, by one worker of one process. rank and
+    world default to the launcher's RANK / WORLD_SIZE (accelerate launch, torchrun) or torch.distributed.
+    One iteration reads `epochs` epochs from `epoch` on (None: endless, as training wants, so that no
+    process runs dry before the others).
+
+    A sample that cannot be used (an undecodable or too short video, no caption, an unreadable tar
+    member, which loses the rest of that shard) is skipped with a warning naming the shard and the
+    member, and "shard:member" goes into the next item's "skipped", the list `collate_clips` hands the
+    trainer for its skipped count. (A damaged tar header after the first member ends the shard there
+    without an error: Python's tarfile takes it for the archive's end.) Videos decode from their bytes
+    with `load_clip`: only the sampled frames.
+    """
+
+    def __init__(self, shards: str | os.PathLike | Sequence[str], *, num_frames: int, height: int, width: int,
+                 sampling: str = "uniform", fps: float | None = None, seed: int = 0, shuffle: bool = True,
+                 epoch: int = 0, epochs: int | None = 1, rank: int | None = None, world: int | None = None):
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"frame sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if sampling == "fps":
+            _fps_step(fps, 1.0)
+        if (rank is None) != (world is None) or (world is not None and not 0 <= rank < world):
+            raise ValueError(f"give rank and world together, 0 <= rank < world; got rank={rank}, world={world}")
+        self.shards = expand_shards(shards) if isinstance(shards, (str, os.PathLike)) else [str(s) for s in shards]
+        self.num_frames, self.height, self.width, self.sampling, self.fps = num_frames, height, width, sampling, fps
+        self.seed, self.shuffle, self.epoch, self.epochs = seed, shuffle, epoch, epochs
+        self.rank, self.world = rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration starts at."""
+        self.epoch = epoch
+
+    def shards_for(self, epoch: int, rank: int = 0, world: int = 1, worker: int = 0, workers: int = 1) -> list[str]:
+        """The shards, in reading order, of DataLoader worker `worker` of `workers` of process `rank` of `world`
+        in `epoch`."""
+        order = range(len(self.shards))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(len(self.shards), generator=g).tolist()
+        return [self.shards[i] for i in list(order)[rank::world][worker::workers]]
+
+    def _item(self, sample: dict, video: str | None, member: str) -> dict:
+        if video is None:
+            raise ValueError(f"no video member ({', '.join(VIDEO_EXTENSIONS)})")
+        caption = _sample_caption(sample)
+        if not caption:
+            raise ValueError("no caption (a .txt member, or a caption field in a .json member)")
+        frames = load_clip(sample[video], self.num_frames, self.height, self.width, self.sampling, self.fps,
+                           name=member)
+        return {"video": frames, "caption": caption, "key": f"{sample['__url__']}:{sample['__key__']}"}
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+        env_rank, env_world, worker, workers = wds.utils.pytorch_worker_info()
+        rank, world = (env_rank, env_world) if self.world is None else (self.rank, self.world)
+        if len(self.shards) < world:
+            raise ValueError(f"{len(self.shards)} shards for {world} processes: each process needs at least one")
+        pending: list[str] = []  # skipped since the last item
+        where = {"url": None, "member": None, "read": None}  # shard; tar member being read; last one read whole
+
+        def skip(name: str, err) -> None:
+            if name not in pending:  # a bad tar member is reported twice by webdataset
+                logger.warning("skipping %s: %s", name, err)
+                pending.append(name)
+
+        def select(member: str) -> bool:
+            where["member"] = member
+            return member.rsplit(".", 1)[-1].lower() in _SHARD_MEMBERS
+
+        def read_whole(files):
+            for file in files:
+                where["read"] = file.get("fname", where["read"])
+                yield file
+
+        def handler(err: Exception) -> bool:  # an unreadable shard or member: the rest of the shard is lost
+            url, member, read = where["url"], where["member"], where["read"]
+            if member is None:
+                skip(url, err)
+            else:  # failed reading `member`, or the header after it
+                skip(f"{url}:{member}" if member != read else f"{url}:(the member after {member})", err)
+            return True
+
+        def samples(url: str):
+            """The samples of one shard: webdataset's tar reading, with a tap on the members read whole."""
+            where.update(url=url, member=None, read=None)
+            files = tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler, select_files=select)
+            return group_by_keys(read_whole(files), handler=handler)
+
+        count, epoch = 0, self.epoch
+        while self.epochs is None or epoch < self.epoch + self.epochs:
+            before = count
+            for url in self.shards_for(epoch, rank, world, worker, workers):
+                for sample in samples(url):
+                    video = _sample_video(sample)
+                    member = f"{url}:{sample['__key__']}" + (f".{video}" if video else "")
+                    try:
+                        item = self._item(sample, video, member)
+                    except Exception as err:  # any problem of one sample: skip it, never stop the run
+                        skip(member, err)
+                        continue
+                    item.update(index=count, skipped=pending[:])
+                    pending.clear()
+                    count += 1
+                    yield item
+            if count == before:  # no usable sample (or no shard) for this worker: stop rather than spin
+                if pending:
+                    logger.warning("no usable sample in this reader's shards (%d skipped): it stops", len(pending))
+                return
+            epoch += 1
+
+
 # -- cache --------------------------------------------------------------------------------------------
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's content (hex)."""
+def file_digest(path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's content (hex); of its bytes for a `DatasetVideo`."""
+    if isinstance(path, DatasetVideo):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -702,13 +1040,26 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_digests(paths: Sequence[str | os.PathLike], index: str | os.PathLike | None = None) -> list[str]:
-    """`file_digest` of each path, reusing the digests recorded in `index` when size and mtime still match.
+def _stamp(path) -> tuple[str, list[int]]:
+    """(index key, [size, mtime_ns]) of a file; of its dataset's arrow files for a `DatasetVideo`."""
+    if isinstance(path, DatasetVideo):
+        stats = [p.stat() for p in sorted(Path(path.folder).glob("*.arrow"))]
+        key = f"{os.path.abspath(path.folder)}[{path.row}].{path.column}"
+        return key, [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+    key = os.path.abspath(path)
+    st = os.stat(key)
+    return key, [st.st_size, st.st_mtime_ns]
+
+
+def file_digests(paths: Sequence, index: str | os.PathLike | None = None) -> list[str]:
+    """`file_digest` of each path (or `DatasetVideo`), reusing the digests recorded in `index` when size and
+    mtime still match.
 
     `index` is a JSON file {absolute path: [size, mtime_ns, sha256]}; it is rewritten (atomically) when
     an entry was added or changed. Starting a run again over the same clips then costs a stat per
     file instead of reading every video. A file whose content changed in place, keeping its size and
-    its mtime to the nanosecond, is not noticed.
+    its mtime to the nanosecond, is not noticed. A `DatasetVideo`'s entry is keyed by its name and
+    stamped with its dataset's arrow files (total size, newest mtime): re-saving the dataset re-reads them.
     """
     index = Path(index) if index is not None else None
     known: dict = {}
@@ -719,11 +1070,10 @@ def file_digests(paths: Sequence[str | os.PathLike], index: str | os.PathLike | 
             logger.warning("ignoring the file digest index %s: %s", index, err)
     out, changed = [], False
     for p in paths:
-        key = os.path.abspath(p)
-        st = os.stat(key)
+        key, stamp = _stamp(p)
         entry = known.get(key)
-        if not (isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]):
-            entry = known[key] = [st.st_size, st.st_mtime_ns, file_digest(key)]
+        if not (isinstance(entry, list) and entry[:2] == stamp):
+            entry = known[key] = [*stamp, file_digest(p if isinstance(p, DatasetVideo) else key)]
             changed = True
         out.append(entry[2])
     if changed and index is not None:
