@@ -270,3 +270,34 @@ def test_the_trainer_reads_a_bytes_dataset_and_counts_its_undecodable_cell(clips
     assert [r["skipped"] for r in records if "step" in r][-1] == 1
     digests = json.loads((tmp_path / "run" / "cache" / "file_digests.json").read_text())
     assert digests.keys() == {f"{folder}[{i}].video" for i in range(4)}
+
+
+def test_the_trainer_streams_shards_and_counts_a_corrupt_member(clips, tmp_path):
+    """`data.path` a shard pattern: the trainer streams it (no listing), a bad member reaches the step
+    record's skipped count; buckets and the feature cache are refused for shards before models load."""
+    import json
+
+    from gendistill.config import load_config
+    from gendistill.testing.video import write_tiny_models
+    from gendistill.video_distill.finetune_config import FinetuneConfig
+    from gendistill.video_distill.trainer import VideoREPATrainer
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "train-000.tar", [shard_sample("a", clips[0], CAPTIONS[0]),
+                                                        shard_sample("b", bad, CAPTIONS[1])])
+    write_shard(tmp_path / "shards" / "train-001.tar", [shard_sample("c", clips[2], CAPTIONS[2])])
+    models = write_tiny_models(tmp_path / "models")
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "video_distill" / "tiny_cpu.yaml"
+    base = [f"output_dir={tmp_path / 'run'}", f"model.pretrained={models['cogvideox']}",
+            f"teacher.path={models['videomae']}", f"data.path={tmp_path / 'shards' / 'train-{000..001}.tar'}",
+            "max_steps=3", "log_every=1", "validation.every=0", "export=false", "checkpoint.every=0"]
+    trainer = VideoREPATrainer(load_config(FinetuneConfig, tiny, base))
+    summary = trainer.train()
+    assert summary["step"] == 3 and "train-000.tar:b" in " ".join(trainer.skipped)
+    records = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if "step" in r][-1] >= 1
+    for key, value in (("data.cache", "true"), ("data.buckets", "[[9,32,32]]")):
+        with pytest.raises(ValueError, match=f"{key}: not available with WebDataset shards"):
+            VideoREPATrainer(load_config(FinetuneConfig, tiny, base + [f"{key}={value}"]))

@@ -175,9 +175,17 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         check_shared_folders(acc, shared)  # several machines: these must be on a filesystem all of them see
         self._ensure_tiny_models()
         if data:  # the clips are found (or the path refused) before any model loads
-            from gendistill.video_distill.data import discover_clips
+            from gendistill.video_distill.data import discover_clips, expand_shards, is_shard_source
 
-            self._clips, self.problems = discover_clips(cfg.data.path, cfg.data.root)
+            if is_shard_source(cfg.data.path):  # WebDataset shards: streamed, never listed
+                for key, value in (("data.buckets", cfg.data.buckets), ("data.cache", cfg.data.cache)):
+                    if value:
+                        raise ValueError(f"{key}: not available with WebDataset shards ({cfg.data.path}); "
+                                         f"set {key}={'null' if key == 'data.buckets' else 'false'}")
+                self._clips, self.problems = None, []
+                expand_shards(cfg.data.path)  # a missing shard is named now
+            else:
+                self._clips, self.problems = discover_clips(cfg.data.path, cfg.data.root)
             self._val_clips = self._validation_clips()
         self._load_models()
         if data:
@@ -342,6 +350,20 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
 
         cfg, clips = self.cfg, self._clips
         cache = keys = shapes = self._bucket_of = None
+        if clips is None:  # shards: each process streams its own; a resume starts a fresh epoch of them
+            from gendistill.video_distill.data import WebDatasetClips
+
+            def stream(start: int):
+                shards = WebDatasetClips(cfg.data.path, num_frames=cfg.data.num_frames, height=cfg.data.height,
+                                               width=cfg.data.width, sampling=cfg.data.frame_sampling, fps=cfg.data.fps,
+                                               seed=cfg.seed, shuffle=cfg.data.shuffle, epoch=start, epochs=None,
+                                               rank=self.rank, world=self.world)
+                return DataLoader(shards, batch_size=cfg.batch_size, collate_fn=collate_clips,
+                                  num_workers=cfg.data.num_workers)
+
+            self._collate, self._make_loader = collate_clips, stream
+            self.dataset = None
+            return
         if cfg.data.buckets:  # each clip to its bucket; the ones that fit none are skipped (warned, counted)
             buckets = [tuple(b) for b in cfg.data.buckets]
             of, left_out = bucket_clips(clips, buckets, cfg.data.frame_sampling, cfg.data.fps)
@@ -622,7 +644,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out / "config.yaml") as tmp:
                 tmp.write_text(to_yaml(cfg))
-            print(f"finetune ({cfg.training_type}, align {cfg.align.loss}): {len(self.dataset)} clips, "
+            clips = f"{len(self.dataset)} clips" if self._clips is not None else f"clips streamed from {cfg.data.path}"
+            print(f"finetune ({cfg.training_type}, align {cfg.align.loss}): {clips}, "
                   f"{self.n_trainable:,} trainable parameters, {self.world} process(es), output {self.out}/")
         self._start_tracking()
         self.student.train()
