@@ -7,7 +7,13 @@ and one step runs through the project's own code:
 
 - finetune: `VideoREPATrainer.step_tensors` (VAE and text encoding, teacher, transformer with the
   hook at `align_layer`, projector, grid aligner, TRD / REPA, backward, clipping, AdamW), with the
-  config's precision, gradient checkpointing, LoRA or full training;
+  config's precision, gradient checkpointing, LoRA or full training, and the memory savers: fp8 weights
+  (`model.layerwise_casting`) as built (the weights its hooks cast during the step are new tensors, so
+  the split counts them as activations: the total is right, not the label); the weights of models kept
+  on the CPU (`model.group_offload`: VAE and text encoder; `teacher.offload`) taken out of the device's
+  peak (`offloaded_bytes`; the peak is taken to fall outside their forward passes, as in the
+  transformer's backward); 8-bit AdamW (`optim.optimizer=adamw8bit`) stepped as AdamW under fake
+  tensors, its state then counted as torchao stores it (`_adamw8bit_state_bytes`);
 - edit: the guidance loss of one step (`Guidance.loss`: VAE encoding, every denoiser pass with CFG
   and refinement, backward through the VAE) on a render-sized image, plus the scene's Gaussians,
   their gradients and Adam state (the rasterizer's own buffers are not counted).
@@ -87,15 +93,32 @@ def _kind(path: str | Path) -> str:
 
 
 def _components(named: dict) -> dict:
+    """{name: {"params", "trainable", "dtype"}}; dtype: the one holding most of the parameters."""
     out = {}
     for name, module in named.items():
         if module is None:
             continue
         params = list(module.parameters())
+        by_dtype: dict[str, int] = {}
+        for p in params:
+            key = str(p.dtype).replace("torch.", "")
+            by_dtype[key] = by_dtype.get(key, 0) + p.numel()
         out[name] = {"params": sum(p.numel() for p in params),
                      "trainable": sum(p.numel() for p in params if p.requires_grad),
-                     "dtype": str(params[0].dtype).replace("torch.", "") if params else "none"}
+                     "dtype": max(by_dtype, key=by_dtype.get) if by_dtype else "none"}
     return out
+
+
+def _adamw8bit_state_bytes(params) -> tuple[int, int]:
+    """(AdamW's state bytes, torchao AdamW8bit's) for `params`: AdamW keeps two moments in the parameter's
+    dtype; AdamW8bit quantizes a tensor of >= 4096 values (a multiple of its 256-value blocks) to one byte a
+    value plus a float32 scale a block per moment, and keeps the others like AdamW."""
+    full = eight = 0
+    for p in params:
+        n, size = p.numel(), p.element_size()
+        full += 2 * n * size
+        eight += 2 * (n + 4 * (n // 256)) if n >= 4096 and n % 256 == 0 else 2 * n * size
+    return full, eight
 
 
 class _fake_mode:
@@ -248,6 +271,8 @@ def _plan_finetune(cfg) -> dict:
                                                              tiny=False))
     if cfg.align.loss != "none":
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=_teacher_source(cfg.teacher)))
+    optimizer_kind = cfg.optim.optimizer  # adamw8bit: AdamW under fake tensors (torchao's states do not fake), recounted
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, optimizer="adamw"))
     d = cfg.data
     from accelerate.state import AcceleratorState
 
@@ -258,18 +283,34 @@ def _plan_finetune(cfg) -> dict:
             trainer.student.train()  # as `train()` does
             batch = {"video": torch.rand(cfg.batch_size, d.num_frames, 3, d.height, d.width),
                      "caption": ["a ball bounces on the grass"] * cfg.batch_size, "skipped": []}
-            modules = [trainer.student, trainer.text_encoder, trainer.vae, trainer.teacher]
-            result = measure_step(lambda: trainer.step_tensors(batch), [m for m in modules if m is not None],
-                                  [trainer.optimizer])
+            teacher = getattr(trainer.teacher, "module", trainer.teacher)  # teacher.offload: the loaded teacher
+            on_cpu = ([trainer.text_encoder, trainer.vae] if cfg.model.group_offload else []) + \
+                ([teacher] if cfg.teacher.offload and teacher is not None else [])
+            modules = [m for m in (trainer.student, trainer.text_encoder, trainer.vae, teacher) if m is not None]
+            result = measure_step(lambda: trainer.step_tensors(batch), modules, [trainer.optimizer])
     finally:  # and leaves no state behind for a real run in the same process
         AcceleratorState._reset_state(reset_partial_state=True)
+    if optimizer_kind == "adamw8bit":
+        full, eight = _adamw8bit_state_bytes(trainer.params)
+        saved = min(full - eight, result["memory"].get("optimizer_state", 0))
+        result["memory"]["optimizer_state"] = result["memory"].get("optimizer_state", 0) - saved
+        result["peak_memory_bytes"] -= saved
+    # weights kept on the CPU: tracked like the others (an untracked weight that an op views is counted as an
+    # activation), then taken out of the device's peak
+    offloaded = {id(p): p.numel() * p.element_size() for m in on_cpu for p in m.parameters()}
+    result["offloaded_bytes"] = off = min(sum(offloaded.values()), result["memory"].get("parameters", 0))
+    if off:
+        result["memory"]["parameters"] -= off
+        result["peak_memory_bytes"] -= off
     result["models"] = _components({"transformer": trainer.transformer, "text_encoder": trainer.text_encoder,
-                                    "vae": trainer.vae, "teacher": trainer.teacher,
+                                    "vae": trainer.vae, "teacher": teacher,
                                     "projector": getattr(trainer.student, "projector", None),
                                     "aligner": getattr(trainer.student, "aligner", None)})
     result["input"] = f"{cfg.batch_size} x {d.num_frames} x {d.height} x {d.width}"
     result["switches"] = {"gradient_checkpointing": cfg.gradient_checkpointing, "training_type": cfg.training_type,
-                          "mixed_precision": cfg.mixed_precision, "batch_size": cfg.batch_size}
+                          "mixed_precision": cfg.mixed_precision, "batch_size": cfg.batch_size,
+                          "optimizer": optimizer_kind, "layerwise_casting": cfg.model.layerwise_casting,
+                          "group_offload": cfg.model.group_offload, "teacher_offload": cfg.teacher.offload}
     return result
 
 
@@ -371,6 +412,14 @@ def suggestions(result: dict, memory_gib: float) -> list[str]:
             tips.append("training_type=lora (the base model frozen in half precision)")
         if s["batch_size"] > 1:
             tips.append("batch_size=1 with gradient_accumulation_steps=" + str(s["batch_size"]))
+        if s.get("optimizer") == "adamw":
+            tips.append("optim.optimizer=adamw8bit (8-bit optimizer states, pip install torchao)")
+        if not s.get("layerwise_casting", True):
+            tips.append("model.layerwise_casting=float8_e4m3fn (frozen weights stored in fp8)")
+        if not s.get("group_offload", True):
+            tips.append("model.group_offload=block_level (VAE and text encoder kept on the CPU)")
+        if s.get("teacher_offload") is False:
+            tips.append("teacher.offload=true with data.cache=true (the teacher kept on the CPU)")
         tips.append("DeepSpeed ZeRO-2 across GPUs (configs/accelerate/deepspeed_zero2.yaml) to shard optimizer state")
     else:
         if s["text_encoder_3"] == "on":
@@ -387,7 +436,9 @@ def format_plan(result: dict, gpu: str | None = None, gpu_memory: float | None =
     for name, m in result["models"].items():
         lines.append(f"| {name} | {m['params']:,} | {m['trainable']:,} | {m['dtype']} |")
     lines += ["", f"peak memory: {_size(result['peak_memory_bytes'])} = "
-              + ", ".join(f"{k} {_size(v)}" for k, v in result["memory"].items() if v),
+              + ", ".join(f"{k} {_size(v)}" for k, v in result["memory"].items() if v)
+              + (f" (and {_size(result['offloaded_bytes'])} of weights kept on the CPU)"
+                 if result.get("offloaded_bytes") else ""),
               f"FLOPs per step: {result['flops_per_step']:.3e}", "",
               f"| GPU | memory GiB | fits | s/step (estimate: {int(UTILISATION[result['kind']][0] * 100)}% of peak "
               f"bf16 FLOP/s + {UTILISATION[result['kind']][1]} s) |", "| --- | ---: | --- | ---: |"]

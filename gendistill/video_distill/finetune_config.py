@@ -4,7 +4,14 @@ and `check_config`, which names the first setting that cannot work before anythi
 Tracking (`report_to`): none | tensorboard | wandb | all, through accelerate's trackers. The default is
 decided when the config is built: "tensorboard" when the tensorboard package is installed, else "none",
 so a missing default tracker never fails a run; naming a tracker that is not installed is an error.
-wandb runs offline with WANDB_MODE=offline (then `wandb sync <output_dir>/logs/wandb/offline-run-*`)."""
+wandb runs offline with WANDB_MODE=offline (then `wandb sync <output_dir>/logs/wandb/offline-run-*`).
+
+Memory savers (each off by default): `optim.optimizer=adamw8bit` (torchao's 8-bit AdamW states),
+`model.layerwise_casting=float8_e4m3fn|float8_e5m2` (frozen weights stored in fp8, computed in the weight
+dtype), `model.group_offload=block_level|leaf_level` (VAE and text encoder kept on the CPU, moved to the
+device group by group while they run), `teacher.offload=true` (the teacher kept on the CPU, loaded and moved
+to the device only for clips whose features are not cached). `check_engine` refuses the ones a distributed
+engine cannot run."""
 
 from __future__ import annotations
 
@@ -15,13 +22,19 @@ from typing import Any, Dict, List, Optional
 __all__ = [
     "TRAINING_TYPES", "ALIGN_LOSSES", "PRECISIONS", "OPTIM_PRESETS", "ModelConfig", "TeacherConfig", "AlignConfig",
     "LoraConfig", "DataConfig", "OptimConfig", "CheckpointConfig", "ValidationConfig", "FinetuneConfig",
-    "REPORT_TO", "default_report_to", "tracker_names", "check_config",
+    "REPORT_TO", "OPTIMIZERS", "LAYERWISE_CASTING", "GROUP_OFFLOAD", "TORCHAO_HELP", "default_report_to",
+    "tracker_names", "check_config", "check_engine",
 ]
 
 TRAINING_TYPES = ("sft", "lora")
 ALIGN_LOSSES = ("trd", "repa", "none")
 PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LAYERWISE_CASTING = ("float8_e4m3fn", "float8_e5m2")  # torch dtypes of the stored weights
+GROUP_OFFLOAD = ("block_level", "leaf_level")
+TORCHAO_HELP = ("optim.optimizer=adamw8bit needs torchao: pip install torchao (or pip install 'gendistill[memory]'); "
+                "or set optim.optimizer=adamw")
 _TRACKERS = ("tensorboard", "wandb")  # what "all" means: those of them that are installed
 
 
@@ -50,6 +63,13 @@ class ModelConfig:
     vae_slicing: bool = True
     vae_tiling: bool = False
     tiny: bool = False  # write the tiny models (gendistill.testing.video) to pretrained / teacher.path if missing
+    # float8_e4m3fn | float8_e5m2: frozen weights stored in fp8 and cast up to the weight dtype layer by layer as
+    # they run (diffusers' layerwise casting; norms, embeddings, proj_in / proj_out stay): VAE, text encoder,
+    # teacher and, with training_type=lora, the transformer's frozen base (full training trains every weight)
+    layerwise_casting: Optional[str] = None
+    # block_level | leaf_level: the VAE and text encoder live on the CPU and move to the device one block (or
+    # layer) at a time while they run (diffusers' group offloading; the trained transformer stays on the device)
+    group_offload: Optional[str] = None
 
 
 @dataclass
@@ -61,6 +81,9 @@ class TeacherConfig:
     image_size: List[int] = field(default_factory=lambda: [160, 240])
     dtype: Optional[str] = None  # null: the weights' dtype (bf16 / fp16 under mixed precision); float32 (VideoREPA's)
     options: Dict[str, Any] = field(default_factory=dict)  # more load_teacher options (pos_embed, final_norm, ...)
+    # keep the teacher on the CPU, loaded on first use and moved to the device only while it encodes clips
+    # whose features are not cached (data.cache): with every feature cached it is never loaded
+    offload: bool = False
 
 
 @dataclass
@@ -128,6 +151,7 @@ class OptimConfig:
     num_cycles: int = 1
     power: float = 1.0
     preset: Optional[str] = None  # OPTIM_PRESETS: sets betas and lr_scheduler (overriding theirs)
+    optimizer: str = "adamw"  # adamw (torch) | adamw8bit (torchao's AdamW8bit: 8-bit states, pip install torchao)
 
     def __post_init__(self):
         if self.preset is not None:
@@ -221,6 +245,12 @@ def check_config(cfg: FinetuneConfig) -> None:
         (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
         (cfg.validation.loss_clips >= 1, f"validation.loss_clips must be >= 1, got {cfg.validation.loss_clips}"),
         (cfg.report_to in REPORT_TO, f"report_to must be one of {REPORT_TO}, got {cfg.report_to!r}"),
+        (cfg.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {OPTIMIZERS}, got {cfg.optim.optimizer!r}"),
+        (cfg.model.layerwise_casting in (None, *LAYERWISE_CASTING), f"model.layerwise_casting must be null or one of "
+                                                                    f"{LAYERWISE_CASTING}, got {cfg.model.layerwise_casting!r}"),
+        (cfg.model.group_offload in (None, *GROUP_OFFLOAD), f"model.group_offload must be null or one of "
+                                                            f"{GROUP_OFFLOAD}, got {cfg.model.group_offload!r}"),
+        (isinstance(cfg.teacher.offload, bool), f"teacher.offload must be true or false, got {cfg.teacher.offload!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -229,7 +259,25 @@ def check_config(cfg: FinetuneConfig) -> None:
         if cfg.report_to == name and not _installed(name):
             raise ValueError(f"report_to={name} but {name} is not installed: pip install {name} "
                              "(or report_to=none)")
+    if cfg.optim.optimizer == "adamw8bit" and not _installed("torchao"):
+        raise ValueError(TORCHAO_HELP)
     _check_data(cfg)
+
+
+def check_engine(cfg: FinetuneConfig, engine: str) -> None:
+    """Raise ValueError naming the memory saver that the distributed `engine` (accelerate's distributed type
+    name: NO, MULTI_GPU, MULTI_CPU, DEEPSPEED, FSDP, ...) cannot run, before any model loads."""
+    if engine not in ("DEEPSPEED", "FSDP"):
+        return
+    name = "DeepSpeed" if engine == "DEEPSPEED" else "FSDP"
+    if cfg.optim.optimizer == "adamw8bit":
+        raise ValueError(f"optim.optimizer=adamw8bit is not supported under {name}, which shards and steps the "
+                         "optimizer itself; use optim.optimizer=adamw (DeepSpeed: or its own optimizer settings), or "
+                         "train with DDP")
+    if cfg.model.layerwise_casting and cfg.training_type == "lora":
+        raise ValueError(f"model.layerwise_casting={cfg.model.layerwise_casting} with training_type=lora is not "
+                         f"supported under {name}: it re-casts or flattens the transformer's weights into one dtype; "
+                         "set model.layerwise_casting=null or train with DDP")
 
 
 def _check_data(cfg: FinetuneConfig) -> None:

@@ -16,10 +16,14 @@ only), "dinov2" (transformers `Dinov2Model` / `Dinov2WithRegistersModel` per fra
 tokens dropped).
 VideoREPA takes the last block's tokens without the final norm for the video models
 (`final_norm=False`) and DINOv2's normed patch tokens (`final_norm=True`).
+
+`OffloadedTeacher(load, device)` keeps a teacher on the CPU, loaded on first use, and moves it to the
+device only while it encodes (`teacher.offload` of `gendistill finetune`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -48,6 +52,7 @@ __all__ = [
     "DINOv2Teacher",
     "load_teacher",
     "preprocess_video",
+    "OffloadedTeacher",
 ]
 
 TEACHERS = Registry("teacher")
@@ -154,6 +159,7 @@ class VideoTeacher(nn.Module):
             raise ValueError(f"num_frames {num_frames} is not a multiple of the tubelet size {self.tubelet_size}")
         self.model.eval()
         self.model.requires_grad_(False)
+        self.compute_dtype: torch.dtype | None = None  # set when the weights are stored in another dtype (fp8)
 
     @property
     def grid(self) -> tuple[int | None, int, int]:
@@ -163,7 +169,8 @@ class VideoTeacher(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The dtype the model computes in (its weights' dtype unless `compute_dtype` says otherwise)."""
+        return self.compute_dtype or next(self.model.parameters()).dtype
 
     def train(self, mode: bool = True) -> "VideoTeacher":
         """A teacher stays in eval mode."""
@@ -494,3 +501,67 @@ def load_teacher(name: str, path_or_hub_id: str | os.PathLike | None = None, **o
             dtype, ...) as the entry's `from_pretrained` documents.
     """
     return TEACHERS.get_entry(name).from_pretrained(path_or_hub_id, **options)
+
+
+class OffloadedTeacher:
+    """A teacher kept on the CPU and moved to `device` only while it encodes.
+
+    `load()` builds the `VideoTeacher` on the CPU on first use (`teacher(video)`, `.module`, or an attribute
+    the teacher has); `hidden_size` given here (e.g. read from cached features) answers without loading.
+    Inside `with teacher.resident():` it stays on the device between calls. `loaded` and `calls` (forwards
+    run) tell what happened.
+    """
+
+    def __init__(self, load, device: torch.device | str, *, hidden_size: int | None = None):
+        self._load, self.device = load, torch.device(device)
+        self._module: VideoTeacher | None = None
+        self._hidden_size, self._resident, self.calls = hidden_size, False, 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._module is not None
+
+    @property
+    def module(self) -> VideoTeacher:
+        """The teacher (loaded onto the CPU now if it was not)."""
+        if self._module is None:
+            self._module = self._load().to("cpu")
+        return self._module
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size if self._module is None and self._hidden_size else self.module.hidden_size
+
+    @hidden_size.setter
+    def hidden_size(self, value: int) -> None:
+        self._hidden_size = int(value)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def _offload(self) -> None:
+        if self._module is not None and self.device.type != "cpu":
+            self._module.to("cpu")
+
+    @contextlib.contextmanager
+    def resident(self):
+        """Keep the teacher on the device across the calls made inside (moved back to the CPU after)."""
+        self._resident = True
+        try:
+            yield self
+        finally:
+            self._resident = False
+            self._offload()
+
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        """`VideoTeacher.forward` on the device: the teacher moved there for the call (and back after,
+        unless resident)."""
+        module = self.module.to(self.device)
+        self.calls += 1
+        try:
+            return module(video.to(self.device))
+        finally:
+            if not self._resident:
+                self._offload()

@@ -27,10 +27,16 @@ validation videos (validation/prompt-KK) every `validation.every` steps.
 
 Multi-GPU / multi-node: `accelerate launch -m gendistill finetune ...` (DDP, DeepSpeed ZeRO-2, FSDP
 as the accelerate config says); on CPU several processes start with `torchrun`.
+
+Memory savers (`finetune_config`): `optim.optimizer=adamw8bit` (torchao's AdamW8bit; its compiled update on
+CUDA, the same update run eagerly elsewhere), `model.layerwise_casting` (fp8 storage of the frozen VAE, text
+encoder, teacher and, in LoRA training, the transformer's base weights; the adapters and every trained weight
+stay in float32), `model.group_offload` (VAE and text encoder), `teacher.offload` (`OffloadedTeacher`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,7 +55,7 @@ from gendistill.core.io import atomic_path
 from gendistill.video_distill.checkpoints import CheckpointMixin
 from gendistill.video_distill.distributed import agreed, check_shared_folders
 from gendistill.video_distill.export import ExportMixin
-from gendistill.video_distill.finetune_config import FinetuneConfig, check_config, tracker_names
+from gendistill.video_distill.finetune_config import TORCHAO_HELP, FinetuneConfig, check_config, check_engine, tracker_names
 from gendistill.video_distill.student import (
     AlignedStudent,
     diffusion_loss,
@@ -91,6 +97,79 @@ def load_component(cls, source: str, what: str, device=None, **kwargs):
 
 def _dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+# -- memory savers ----------------------------------------------------------------------------------
+def _layerwise_cast(module: torch.nn.Module, storage: str, compute: torch.dtype) -> None:
+    """Store `module`'s frozen weights as `storage` ("float8_e4m3fn" / "float8_e5m2"), cast to `compute`
+    layer by layer while they run (diffusers' layerwise casting). Skipped: diffusers' defaults (norms,
+    positional and patch embeddings, proj_in / proj_out), the model's own `_skip_layerwise_casting_patterns`
+    and `_keep_in_fp32_modules` (T5's `wo`), and PEFT adapters."""
+    from diffusers import ModelMixin
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    dtype = getattr(torch, storage)
+    if isinstance(module, ModelMixin):
+        module.enable_layerwise_casting(storage_dtype=dtype, compute_dtype=compute)
+        return
+    keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    apply_layerwise_casting(module, dtype, compute, skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, *keep, "lora_"))
+
+
+def _group_offload(module: torch.nn.Module, kind: str, device: torch.device) -> None:
+    """diffusers' group offloading of a frozen module: kept on the CPU, each block (`block_level`, one
+    ModuleList entry at a time) or layer (`leaf_level`) moved to `device` while it runs."""
+    from diffusers import ModelMixin
+    from diffusers.hooks import apply_group_offloading
+
+    per_group = 1 if kind == "block_level" else None
+    if isinstance(module, ModelMixin):
+        module.enable_group_offload(device, offload_type=kind, num_blocks_per_group=per_group)
+    else:
+        apply_group_offloading(module, device, offload_type=kind, num_blocks_per_group=per_group)
+
+
+def _eager_adamw8bit(base):
+    """torchao's AdamW8bit (`base`) with each parameter's update run eagerly instead of compiled: off CUDA,
+    compiling the update once per parameter shape (a C++ build each) costs more than it saves."""
+    from torchao.optim.adam import single_param_adam
+
+    class EagerAdamW8bit(base):
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                beta1, beta2 = group["betas"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if not state:  # 8-bit block-quantized moments (tensors under 4096 values stay float32)
+                        state.update(step=torch.tensor(0.0), exp_avg=self._new_buffer(p, True),
+                                     exp_avg_sq=self._new_buffer(p, False))
+                    state["step"] += 1
+                    single_param_adam(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"], None,
+                                      group["lr"], beta1, beta2, group["weight_decay"], group["eps"], True, False)
+            return loss
+
+    return EagerAdamW8bit
+
+
+def _build_optimizer(name: str, params, optim, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of `optim.optimizer`: "adamw" (torch.optim.AdamW) or "adamw8bit" (torchao's AdamW8bit,
+    its moments stored in 8 bits per value, block-wise scaled; compiled on CUDA, eager elsewhere)."""
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as err:
+        raise ImportError(TORCHAO_HELP) from err
+    return (AdamW8bit if device.type == "cuda" else _eager_adamw8bit(AdamW8bit))(params, **kwargs)
 
 
 # -- tracking ---------------------------------------------------------------------------------------
@@ -154,6 +233,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         acc = self.accelerator
+        self._distributed_kind = acc.distributed_type.name if hasattr(acc.distributed_type, "name") else str(acc.distributed_type)
+        check_engine(cfg, self._distributed_kind)  # memory savers the engine cannot run: refused before models load
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         self.weight_dtype = _dtype(cfg.mixed_precision)
@@ -167,7 +248,6 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         self.problems: list[str] = []
         self.grad_norm = None  # of the last optimizer step (before clipping); None when it was skipped
         self._val_clips, self._val_feats = [], {}  # held-out clips (validation.data); their frozen features
-        self._distributed_kind = acc.distributed_type.name if hasattr(acc.distributed_type, "name") else str(acc.distributed_type)
 
         shared = [self.out] + [Path(p) for p in (cfg.data.cache_dir,) if p and data and cfg.data.cache]
         if cfg.model.tiny:
@@ -243,9 +323,11 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         src = cfg.model.pretrained
         kw = {"revision": cfg.model.revision} if cfg.model.revision else {}
         vkw = dict(kw, **({"variant": cfg.model.variant} if cfg.model.variant else {}))
+        frozen_dev = torch.device("cpu") if cfg.model.group_offload else dev  # group offloading: kept on the CPU
         self.tokenizer = load_component(AutoTokenizer, src, "tokenizer", subfolder="tokenizer", **kw)
-        self.text_encoder = load_component(T5EncoderModel, src, "text encoder", dev, subfolder="text_encoder", dtype=wd, **vkw)
-        self.vae = load_component(AutoencoderKLCogVideoX, src, "VAE", dev, subfolder="vae", dtype=wd, **vkw)
+        self.text_encoder = load_component(T5EncoderModel, src, "text encoder", frozen_dev, subfolder="text_encoder",
+                                           dtype=wd, **vkw)
+        self.vae = load_component(AutoencoderKLCogVideoX, src, "VAE", frozen_dev, subfolder="vae", dtype=wd, **vkw)
         train_dtype = wd if cfg.training_type == "lora" else torch.float32  # LoRA: frozen base in low precision
         self.transformer = load_component(CogVideoXTransformer3DModel, src, "transformer", dev, subfolder="transformer",
                                  dtype=train_dtype, **vkw)
@@ -254,7 +336,13 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             raise ValueError(f"{src}: the scheduler predicts {self.scheduler.config.prediction_type!r}; "
                              "the CogVideoX finetuning loss needs v_prediction")
         for m in (self.text_encoder, self.vae):
-            m.requires_grad_(False).eval().to(dev)
+            m.requires_grad_(False).eval()
+            if cfg.model.layerwise_casting:  # before offloading: the CPU copy is the fp8 one
+                _layerwise_cast(m, cfg.model.layerwise_casting, wd)
+            if cfg.model.group_offload:
+                _group_offload(m, cfg.model.group_offload, dev)
+            else:
+                m.to(dev)
         if cfg.model.vae_slicing:
             self.vae.enable_slicing()
         if cfg.model.vae_tiling:
@@ -269,12 +357,24 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         self.text_length = self.transformer.config.max_text_seq_length
         self.teacher = None
         if cfg.align.loss != "none":
-            from gendistill.video_distill.teachers import load_teacher
+            from gendistill.video_distill.teachers import OffloadedTeacher
 
-            t = cfg.teacher
-            self.teacher = load_teacher(t.name, t.path, num_frames=t.num_frames, frame_start=t.frame_start,
-                                        image_size=tuple(t.image_size),
-                                        dtype=torch.float32 if t.dtype == "float32" else wd, **dict(t.options)).to(dev)
+            self.teacher = OffloadedTeacher(self._load_teacher, dev) if cfg.teacher.offload else \
+                self._load_teacher().to(dev)
+
+    def _load_teacher(self):
+        """The teacher of `cfg.teacher`, on the CPU (stored in fp8 with model.layerwise_casting)."""
+        from gendistill.video_distill.teachers import load_teacher
+
+        cfg, t = self.cfg, self.cfg.teacher
+        teacher = load_teacher(t.name, t.path, num_frames=t.num_frames, frame_start=t.frame_start,
+                               image_size=tuple(t.image_size),
+                               dtype=torch.float32 if t.dtype == "float32" else self.weight_dtype, **dict(t.options))
+        if cfg.model.layerwise_casting:
+            compute = teacher.dtype
+            _layerwise_cast(teacher.model, cfg.model.layerwise_casting, compute)
+            teacher.compute_dtype = compute
+        return teacher
 
     def _cache_settings(self) -> dict:
         cfg = self.cfg
@@ -288,6 +388,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         }
         if cfg.data.frame_sampling == "fps":
             settings["fps"] = cfg.data.fps
+        if cfg.model.layerwise_casting:  # fp8 weights change the features (absent otherwise: older keys stay valid)
+            settings["layerwise_casting"] = cfg.model.layerwise_casting
         if self.teacher is not None:
             t = cfg.teacher
             settings["teacher"] = {"name": t.name, "id": model_identity(t.path) if t.path else None,
@@ -322,7 +424,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
                     for i, (c, d) in enumerate(zip(clips, digests))]
         keys = broadcast_object_list([keys])[0]
         todo = [i for i, k in enumerate(keys) if k not in cache]
-        with acc.split_between_processes(todo) as mine:
+        resident = getattr(self.teacher, "resident", contextlib.nullcontext)  # an offloaded teacher: moved once
+        with acc.split_between_processes(todo) as mine, resident():
             for i in tqdm(mine, desc="precompute", unit="clip", disable=not acc.is_local_main_process):
                 try:
                     shape = shapes[i] if shapes else (cfg.data.num_frames, cfg.data.height, cfg.data.width)
@@ -341,6 +444,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
                   f"{len(clips) - len(ok)} unreadable)")
         if not ok:
             raise ValueError("no clip could be read; see the warnings above")
+        if getattr(self.teacher, "loaded", True) is False:  # an offloaded teacher not needed: its width from the cache
+            self.teacher.hidden_size = cache.load(keys[ok[0]])["teacher"].shape[-1]
         return ok, [keys[i] for i in ok], cache
 
     def _build_data(self) -> None:
@@ -416,6 +521,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             for p in tr.parameters():  # adapters train in float32 whatever the base's precision
                 if p.requires_grad:
                     p.data = p.data.float()
+            if cfg.model.layerwise_casting:  # the frozen base in fp8; PEFT's adapter layers skipped
+                _layerwise_cast(tr, cfg.model.layerwise_casting, self.weight_dtype)
         if cfg.gradient_checkpointing:
             tr.enable_gradient_checkpointing()
         projector = aligner = None
@@ -441,8 +548,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             load_heads(student, cfg.align.heads)
         params = [p for p in student.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                      weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+        optimizer = _build_optimizer(cfg.optim.optimizer, params, cfg.optim, self.device)
         # accelerate steps a prepared scheduler once per process per optimizer step
         lr_scheduler = build_scheduler(cfg.optim.lr_scheduler, optimizer, warmup_steps=cfg.optim.warmup_steps,
                                        total_steps=cfg.max_steps, calls_per_step=self.world,
@@ -668,7 +774,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             since += 1
             bar.update(1)
             record = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]}
-            record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=len(self.skipped),
+            record.update(step=self.step, lr=float(self.lr_scheduler.get_last_lr()[0]), skipped=len(self.skipped),
                           skipped_nonfinite=self.nonfinite_steps)
             accum = []
             history.append(record)
