@@ -29,7 +29,7 @@ def _finetune(launcher: list[str], out: Path, models: dict) -> subprocess.Comple
     args = ["-m", "gendistill", "finetune", "--config", str(ROOT / "configs" / "video_distill" / "tiny_cpu.yaml"),
             f"output_dir={out}", f"model.pretrained={models['cogvideox']}", "model.tiny=false",
             f"teacher.path={models['videomae']}", "max_steps=2", "training_type=sft", "checkpoint.every=0",
-            "validation.every=0", "--no-progress"]
+            "validation.every=0", "report_to=none", "--no-progress"]  # the engines alone, no tracker threads
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([*launcher, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
