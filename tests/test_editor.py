@@ -203,7 +203,8 @@ def test_the_live_view_shows_the_part_as_it_is_edited(models, tmp_path, free_por
     assert all(len(v) == 2 and np.isfinite(v).all() for v in view.losses.values())
     ring = load_edit_config(out / "config.yaml").cameras
     assert view.image.image.shape[:2] == (ring.height, ring.width)
-    with socket.socket() as sock:  # the page stopped with the edit: its port is free again
+    with socket.socket() as sock:  # the page stopped with the edit: nothing listens on its port (TIME_WAIT is fine)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", int(view.url.rsplit(":", 1)[1])))
 
 
