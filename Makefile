@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-video test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gendistill edit --config configs/splat_edit/demo_prompt_cpu.yaml
 	$(PY) tools/check_demo.py --run outputs/demo-prompt --max-outside 0.02
 	@echo "demo reports: outputs/demo/report.html, outputs/demo-prompt/report.html (the part found from the prompt alone)"
+
+# the video half, offline: finetune the bundled tiny CogVideoX plainly and with TRD, generate, score the physics
+demo-video: $(STAMP)
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m gendistill.video_distill.demo --out outputs/demo_video
 
 # tests run 2-process torchrun jobs next to numba threads: idle OpenMP threads must not spin
 test: $(STAMP)
