@@ -71,3 +71,43 @@ def test_demo_video_runs_end_to_end(offline, tmp_path):
     assert page.count("<video") == len(demo.MODELS) * 2
     # the references: the simulated clips score as physical, and the bounce of every real clip is found
     assert saved["summary"]["real"]["colour_acc"]["mean"] == 1.0 and saved["summary"]["real"]["gravity_acc"]["mean"] == 1.0
+
+
+def test_bundled_tokenizer_keeps_caption_words_whole(offline):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(BASE / "tokenizer")
+    caption = demo.held_out_prompts(1)[0]
+    ids = tok(caption, padding="max_length", max_length=16)["input_ids"]
+    words = caption.split()
+    assert ids[:len(words) + 1] == [tok.convert_tokens_to_ids("\u2581" + w) for w in words] + [tok.eos_token_id]
+    assert ids[len(words) + 1:] == [tok.pad_token_id] * (16 - len(words) - 1)
+
+
+def test_demo_model_trainer_quick_trial_writes_loadable_models(offline, tmp_path):
+    """tools/train_video_demo_models.py on a few CPU seconds per stage: every stage runs, the folders load
+    as the bundled ones do, and training.json records the run."""
+    import subprocess
+    import sys
+
+    import torch
+    from diffusers import CogVideoXPipeline
+
+    from gendistill.video_distill.teachers import load_teacher
+
+    base, teacher = tmp_path / "base", tmp_path / "teacher"
+    cmd = [sys.executable, str(ROOT / "tools/train_video_demo_models.py"), "--clips", "32", "--teacher-clips", "32",
+           "--vae-minutes", "0.05", "--transformer-minutes", "0.05", "--teacher-minutes", "0.05",
+           "--eval-per-colour", "1", "--batch", "4", "--out", str(base), "--teacher-out", str(teacher),
+           "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((base / "training.json").read_text())
+    assert record["vae"]["steps"] > 0 and record["transformer"]["steps"] > 0 and record["final"]
+    assert 0.0 <= record["eval"]["moving_ball_rate"] <= 1.0 and record["eval"]["per_colour"] == 1
+    assert json.loads((teacher / "training.json").read_text())["steps"] > 0
+    pipe = CogVideoXPipeline.from_pretrained(base)
+    assert pipe.vae.config.scaling_factor != 1.0  # set to 1 / std of the latents
+    tokens = load_teacher("videomae", str(teacher), num_frames=8, frame_start=1, image_size=(32, 32))(
+        torch.rand(1, 9, 3, 32, 32))
+    assert tokens.shape[:4] == (1, 4, 8, 8)

@@ -297,6 +297,7 @@ def vae_quality(vae, frames: np.ndarray, captions: list[str], n: int = 64) -> di
     from gendistill.video_distill.physics import parse_caption, track_ball
 
     vae.eval()
+    n = min(n, len(frames))
     x = to_model(frames[:n])
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     psnr = float(10 * torch.log10(4.0 / ((rec - x) ** 2).mean()))
