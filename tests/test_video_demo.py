@@ -106,6 +106,13 @@ def test_demo_model_trainer_quick_trial_writes_loadable_models(offline, tmp_path
     assert record["vae"]["steps"] > 0 and record["transformer"]["steps"] > 0 and record["final"]
     assert 0.0 <= record["eval"]["moving_ball_rate"] <= 1.0 and record["eval"]["per_colour"] == 1
     assert json.loads((teacher / "training.json").read_text())["steps"] > 0
+    # a second run resumes each stage from its checkpoint and finds it finished: nothing is trained again
+    more = subprocess.run(cmd + ["--stage", "transformer"], capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "vae: resumed at step" in more.stdout and "transformer: resumed at step" in more.stdout
+    again = json.loads((base / "training.json").read_text())
+    assert again["vae"]["steps"] == record["vae"]["steps"]
+    assert again["transformer"]["steps"] == record["transformer"]["steps"]
     pipe = CogVideoXPipeline.from_pretrained(base)
     assert pipe.vae.config.scaling_factor != 1.0  # set to 1 / std of the latents
     tokens = load_teacher("videomae", str(teacher), num_frames=8, frame_start=1, image_size=(32, 32))(

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import string
 import sys
 import tempfile
 import time
@@ -64,21 +63,9 @@ WORDS = ("a", "an", "the", "ball", "is", "thrown", "to", "right", "left", "dropp
 # -- the models ---------------------------------------------------------------------------------------------
 def demo_tokenizer(max_length: int = TEXT_LENGTH):
     """T5TokenizerFast: a Unigram model over whole caption words (`WORDS`) with single characters as the fallback."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+    from gendistill.testing.video import tiny_tokenizer
 
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    for c in string.ascii_lowercase + string.digits + string.punctuation:
-        pieces += [(c, -3.0), ("\u2581" + c, -3.5)]
-    pieces += [("\u2581" + word, -1.0) for word in WORDS]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=max_length)
+    return tiny_tokenizer(max_length, words=WORDS)
 
 
 def build_text_encoder(vocab_size: int):
@@ -212,6 +199,19 @@ class _Timer:
         return self.spent >= self.minutes
 
 
+def resume(ckpt: Path, stage: str, state: dict, **objects) -> dict:
+    """Load a stage's checkpoint, if there is one, into `objects` (its keys: "model", "opt", "ema", ...);
+    returns the saved state, or `state` when starting fresh."""
+    if not ckpt.is_file():
+        return state
+    saved = torch.load(ckpt, weights_only=False)
+    for key, obj in objects.items():
+        obj.load_state_dict(saved[key])
+    state = saved["state"]
+    print(f"{stage}: resumed at step {state['step']} ({state['minutes']:.1f} min)", flush=True)
+    return state
+
+
 def write_record(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "training.json"
@@ -229,12 +229,7 @@ def train_vae(args, frames: np.ndarray) -> dict:
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     state = {"step": 0, "minutes": 0.0, "losses": [], "done": False}
-    if ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        print(f"vae: resumed at step {state['step']} ({state['minutes']:.1f} min)", flush=True)
+    state = resume(ckpt, "vae", state, model=vae, opt=opt)
     if state["done"]:
         return {"vae": vae, **state}
     gen = torch.Generator().manual_seed(args.seed)
@@ -330,13 +325,7 @@ def train_transformer(args, vae, params: torch.Tensor, captions: list[str]) -> d
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     state = {"step": 0, "minutes": 0.0, "losses": [], "done": False, "steps_planned": None}
-    if ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
-        modules.load_state_dict(saved["model"])
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        print(f"transformer: resumed at step {state['step']} ({state['minutes']:.1f} min)", flush=True)
+    state = resume(ckpt, "transformer", state, model=modules, ema=ema, opt=opt)
     scaling = vae.config.scaling_factor
     ids = tokenizer(captions + [""], padding="max_length", max_length=TEXT_LENGTH, truncation=True,
                     return_tensors="pt").input_ids
@@ -421,12 +410,7 @@ def train_teacher(args, frames: np.ndarray) -> dict:
     model = build_teacher()
     opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, betas=(0.9, 0.95), weight_decay=0.05)
     state = {"step": 0, "minutes": 0.0, "losses": [], "done": False, "steps_planned": None}
-    if ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        print(f"teacher: resumed at step {state['step']} ({state['minutes']:.1f} min)", flush=True)
+    state = resume(ckpt, "teacher", state, model=model, opt=opt)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
     gen = torch.Generator().manual_seed(args.teacher_seed + state["step"])

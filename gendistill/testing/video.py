@@ -18,6 +18,7 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -39,15 +40,15 @@ WORDS = ("a", "an", "the", "ball", "red", "blue", "green", "yellow", "is", "thro
          "to", "right", "left", "and", "bounces", "on", "floor", "falls", "rolls", "of", "in", "with")
 
 
-def tiny_tokenizer(max_length: int = TEXT_LENGTH):
-    """A tiny T5 tokenizer: Unigram over lower-case characters plus a few whole words (`WORDS`)."""
+def tiny_tokenizer(max_length: int = TEXT_LENGTH, words: Sequence[str] = WORDS):
+    """A tiny T5 tokenizer: Unigram over lower-case characters plus whole `words`, `</s>` at the end."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     for c in string.ascii_lowercase + string.digits + string.punctuation:
         pieces += [(c, -3.0), ("\u2581" + c, -3.5)]
-    pieces += [("\u2581" + word, -1.0) for word in WORDS]  # whole words: short prompts
+    pieces += [("\u2581" + word, -1.0) for word in words]  # whole words: short prompts
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
