@@ -153,16 +153,141 @@ def test_only_the_main_process_logs(tiny_models, tmp_path, free_port):
     assert len((out / "logs" / "train_log.jsonl").read_text().splitlines()) == 2
 
 
-def test_wandb_offline_run(tiny_models, tmp_path, monkeypatch):
+def _wandb_offline(monkeypatch, tmp_path):
+    """wandb offline and quiet, its caches and settings in tmp_path: nothing leaves the machine or the test."""
     pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CACHE_DIR", tmp_path / "cache"),
+                       ("WANDB_CONFIG_DIR", tmp_path / "config"), ("WANDB_DATA_DIR", tmp_path / "data")):
+        monkeypatch.setenv(var, str(value))
+
+
+def _wandb_records(path: Path) -> dict[str, list]:
+    """The records of a `.wandb` run file by kind ({"history": [...], "summary": [...], ...}). The framing is
+    read here (wandb's Python reader is gone; wandb-core writes the file): a LevelDB-style log, a 7-byte header
+    ":W&B", magic 0xBEE1, version 0, then 32 KiB blocks of chunks [crc32 u32, length u16, type u8 (1 full,
+    2 first, 3 middle, 4 last)]; each record is wandb's `wandb_internal_pb2.Record` protobuf."""
+    import struct
+    import zlib
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), f"unknown .wandb format: {data[:7]!r}"
+    records, pos, parts = {}, 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the zero padding at the end of a block
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + n]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad checksum at byte {pos}"
+        parts, pos = parts + chunk, pos + 7 + n
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(parts)
+            parts = b""
+            kind_name = record.WhichOneof("record_type")
+            records.setdefault(kind_name, []).append(getattr(record, kind_name))
+    assert not parts, "the file ends inside a record"
+    return records
+
+
+def _wandb_items(items) -> dict:
+    """History / summary items as {"a/b": value} (nested keys joined with "/")."""
+    return {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in items}
+
+
+def _end_tracking(trainer) -> None:
+    """End the run's trackers as `finetune` does, then wait for wandb's service to write the run file out:
+    `finish()` can return before wandb-core has flushed it (at process exit the service's teardown does)."""
+    import wandb
+
+    trainer.accelerator.end_training()
+    wandb.teardown()
+
+
+def _wandb_run(out: Path) -> tuple[Path, dict[str, list]]:
+    runs = list((out / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    files = list(runs[0].glob("run-*.wandb"))
+    assert len(files) == 1, files
+    return runs[0], _wandb_records(files[0])
+
+
+def test_wandb_offline_run_matches_the_jsonl_log(tiny_models, tmp_path, monkeypatch):
+    """report_to=wandb under WANDB_MODE=offline: one offline run in logs/wandb/ whose history (read back
+    from the .wandb file) holds each step's losses as the JSONL log has them, the validation losses, the
+    validation video (the very file in validation/), the config; its summary holds the last values."""
+    import hashlib
+
+    _wandb_offline(monkeypatch, tmp_path)
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_models, out, "report_to=wandb", "max_steps=2", "validation.every=2",
                    f"validation.data={CLIPS}", "validation.loss_clips=1", *QUIET)
     trainer = VideoREPATrainer(cfg)
+    summary = trainer.train()
+    assert [t.name for t in trainer.accelerator.trackers] == ["wandb"]
+    _end_tracking(trainer)
+    assert not (out / "logs" / cfg.tracker_project).exists()  # no tensorboard events
+    run_dir, records = _wandb_run(out)
+
+    (run,) = records["run"]
+    assert (run.project, run.display_name) == ("videorepa", "run")
+    config = {}
+    for update in records["config"]:
+        config.update(_wandb_items(update.update))
+    assert config["report_to"] == "wandb" and config["max_steps"] == 2 and config["lora.rank"] == 4
+    assert config["validation.prompts"] == json.dumps(cfg.validation.prompts)
+    assert [e.exit_code for e in records["exit"]] == [0]
+
+    rows = {row["_step"]: row for row in (_wandb_items(h.item) for h in records["history"])}
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == sorted(rows) == [1, 2]
+    for r in log:
+        for tag, key in (("train/loss", "loss"), ("train/loss_diffusion", "diffusion"),
+                         ("train/loss_align", "align"), ("train/lr", "lr")):
+            assert rows[r["step"]][tag] == pytest.approx(r[key], rel=1e-12), (tag, r["step"])
+        assert rows[r["step"]]["train/grad_norm"] > 0 and rows[r["step"]]["train/clips_per_s"] > 0
+    last = summary["history"][-1]
+    assert "val/loss_diffusion" not in rows[1]
+    for tag in ("val/loss_diffusion", "val/loss_align"):
+        assert rows[2][tag] == pytest.approx(last[tag], rel=1e-12)
+
+    # the validation video: logged at step 2 with its prompt, the mp4 in validation/ copied unchanged
+    mp4 = out / "validation" / "step-000002_prompt-00.mp4"
+    digest = hashlib.sha256(mp4.read_bytes()).hexdigest()
+    video = {k.split("/", 2)[2]: v for k, v in rows[2].items() if k.startswith("validation/prompt-00/")}
+    assert video["_type"] == "video-file" and video["caption"] == cfg.validation.prompts[0]
+    assert video["sha256"] == digest and video["size"] == mp4.stat().st_size
+    assert (run_dir / "files" / video["path"]).read_bytes() == mp4.read_bytes()
+
+    final = {}
+    for update in records["summary"]:
+        final.update(_wandb_items(update.update))
+    for tag in ("train/loss", "train/loss_diffusion", "train/loss_align", "train/lr", "val/loss_diffusion",
+                "val/loss_align", "validation/prompt-00/sha256"):
+        assert final[tag] == rows[2][tag], tag
+
+
+def test_report_to_all_starts_both_trackers(tiny_models, tmp_path, monkeypatch):
+    """With tensorboard and wandb installed, report_to=all starts both, and both get the same step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _wandb_offline(monkeypatch, tmp_path)
+    assert tracker_names("all") == ["tensorboard", "wandb"]
+    out = tmp_path / "run"
+    trainer = VideoREPATrainer(tiny_cfg(tiny_models, out, "report_to=all", "max_steps=1", "validation.every=0",
+                                        *QUIET))
     trainer.train()
-    trainer.accelerator.end_training()
-    assert list((out / "logs" / "wandb").glob("offline-run-*"))
+    assert [t.name for t in trainer.accelerator.trackers] == ["tensorboard", "wandb"]
+    _end_tracking(trainer)
+    (record,) = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "logs" / "videorepa"))
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("train/loss")] == [(1, record["loss"])]
+    _, records = _wandb_run(out)
+    (row,) = [_wandb_items(h.item) for h in records["history"]]
+    assert row["_step"] == 1 and row["train/loss"] == pytest.approx(record["loss"], rel=1e-12)
 
 
 def test_report_to_default_and_choices(tiny_models, tmp_path, monkeypatch):
@@ -190,7 +315,6 @@ def test_bad_tracking_settings_fail_before_models_load(tiny_models, tmp_path, mo
     with pytest.raises(ValueError, match="report_to=tensorboard but tensorboard is not installed: "
                                          "pip install tensorboard"):
         VideoREPATrainer(tiny_cfg(tiny_models, tmp_path, "report_to=tensorboard"))
-    if installed("wandb"):
-        pytest.skip("wandb is installed: its missing-package error cannot show")
+    monkeypatch.setattr(FC, "_installed", lambda name: name != "wandb" and installed(name))
     with pytest.raises(ValueError, match="report_to=wandb but wandb is not installed: pip install wandb"):
         VideoREPATrainer(tiny_cfg(tiny_models, tmp_path, "report_to=wandb"))
