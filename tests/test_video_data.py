@@ -154,6 +154,85 @@ def test_fps_sampling_picks_the_nearest_frames_at_the_target_rate(gop_clips):
     assert torch.equal(load_clip(gop_clips[0], 5, 32, 32, "fps", fps=6), old)
 
 
+# a variable-frame-rate clip: 6 frames at 10 fps, then 24 at 30 fps; frame i is flat gray 8 * (i + 1)
+VFR_TIMES = [k / 10 for k in range(6)] + [0.6 + k / 30 for k in range(24)]
+
+
+def write_vfr_clip(path: Path, times) -> Path:
+    """H.264 (B-frames, a keyframe every 8 frames) with frame i at `times[i]` seconds, written with PyAV."""
+    import av
+    from fractions import Fraction
+
+    tb = Fraction(1, 300)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = tb
+        stream.gop_size = 8
+        stream.options = {"crf": "1", "bf": "2"}
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 8 * (i + 1), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t / tb), tb
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def gray_index(frames) -> list[int]:
+    """The frame number each flat gray frame encodes (uint8 [F, H, W, 3], or float [F, 3, H, W] in [0, 1])."""
+    x = frames.float().mul(255) if isinstance(frames, torch.Tensor) else frames.astype(np.float64)
+    return [round(float(v) / 8) - 1 for v in x.reshape(len(x), -1).mean(1)]
+
+
+@pytest.fixture(scope="module")
+def vfr_clips(tmp_path_factory):
+    """The clip as mp4 (a frame count and a full sample index in the header) and as mkv (neither; its
+    timestamps rounded to milliseconds)."""
+    folder = tmp_path_factory.mktemp("vfr")
+    return [write_vfr_clip(folder / "vfr.mp4", VFR_TIMES), write_vfr_clip(folder / "vfr.mkv", VFR_TIMES)]
+
+
+def test_variable_frame_rate_clips_sample_by_timestamp(vfr_clips, monkeypatch):
+    import gendistill.video_distill.data as data
+
+    times = np.array(VFR_TIMES)
+    end = times[-1] + (times[-1] - times[-2]) / 2  # the last frame shows until half a frame after it
+    decoded, real = [], data._decoded_frames
+
+    def spy(container, stream):
+        for frame in real(container, stream):
+            decoded.append(frame)
+            yield frame
+
+    monkeypatch.setattr(data, "_decoded_frames", spy)
+    for path in vfr_clips:
+        info = probe_video(path)
+        assert info.frames == 30 and info.times == pytest.approx(VFR_TIMES, abs=1e-3)  # mkv: milliseconds
+        # frame numbers are positions in the stream, whatever the rate around them
+        assert gray_index(decode_frames(path, list(range(30)))) == list(range(30)), path.name
+        assert gray_index(decode_frames(path, [29, 4, 5, 6, 7, 4])) == [29, 4, 5, 6, 7, 4], path.name
+        expected = np.linspace(0, 29, 9).round().astype(int).tolist()
+        assert gray_index(load_clip(path, 9, 16, 16)) == expected, path.name
+        decoded.clear()
+        assert gray_index(decode_frames(path, [27])) == [27]  # from the keyframe at 24, not from the start
+        assert len(decoded) <= 12, (path.name, len(decoded))
+        # "fps": target frame k is the frame whose timestamp is nearest k / fps
+        for fps in (7, 13, 30):
+            targets = np.arange(int(end * fps) + 1) / fps
+            targets = targets[targets < end]
+            distance = np.abs(times[None, :] - targets[:, None])
+            expected = distance.argmin(1).tolist()
+            second = np.sort(distance, 1)[:, 1]
+            assert np.all(second - distance.min(1) > 2e-3)  # no near-tie that millisecond timestamps could flip
+            got = gray_index(load_clip(path, len(targets), 16, 16, "fps", fps=fps))
+            assert got == expected, (path.name, fps)
+            assert frames_available(30, "fps", fps=fps, times=info.times) == len(targets)  # for buckets
+            with pytest.raises(ValueError, match="fewer than"):
+                load_clip(path, len(targets) + 1, 16, 16, "fps", fps=fps)
+    assert expected[:8] == [0, 0, 1, 1, 1, 2, 2, 2]  # at 30 fps the 10-fps part repeats frames...
+    assert expected[-24:] == list(range(6, 30))  # ...and the 30-fps part is taken frame by frame
+
+
 def test_unreadable_or_short_video_is_skipped_with_a_warning(tmp_path, caplog):
     write_video(tmp_path / "short.mp4", np.zeros((4, 32, 32, 3), np.uint8))
     (tmp_path / "broken.mp4").write_bytes(b"not a video")

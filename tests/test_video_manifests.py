@@ -139,6 +139,38 @@ def test_every_source_yields_the_same_captions_and_bit_identical_frames(clips, m
     assert f"{root / 'hf_bytes'}[0].video" in index.read_text()
 
 
+def test_a_datasets_video_column_is_read_raw_without_the_datasets_decoder(clips, tmp_path, monkeypatch):
+    """A column of the `datasets.Video` feature type: cells {"bytes", "path"}, which datasets itself decodes
+    with torchcodec (blocked here). Each cell's bytes (datasets 5's save_to_disk stores a file given by path in
+    the arrow file; a version that keeps the path has the file read) decode with our streaming decoder to the
+    frames of the file; bytes win over a path name; an empty cell is named and left out."""
+    import json
+    import sys
+
+    datasets = pytest.importorskip("datasets")
+    if not hasattr(datasets, "Video"):
+        pytest.skip(f"datasets {datasets.__version__} has no Video feature")
+    monkeypatch.setitem(sys.modules, "torchcodec", None)  # any import of it fails
+    folder = tmp_path / "hf_video"
+    cells = [str(clips[0]), str(clips[1]), {"bytes": clips[2].read_bytes(), "path": None},
+             {"bytes": clips[3].read_bytes(), "path": "elsewhere.mkv"}, None]
+    features = datasets.Features({"video": datasets.Video(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"video": cells, "caption": CAPTIONS + ["a row without video"]},
+                               features=features).save_to_disk(str(folder))
+    saved = json.loads((folder / "dataset_info.json").read_text())["features"]
+    assert saved["video"]["_type"] == "Video"  # the folder holds the feature type, not plain paths or bytes
+
+    found, problems = discover_clips(folder)
+    assert problems == [f"{folder}[4]: no video in column video"]
+    assert [c.caption for c in found] == CAPTIONS and all(isinstance(c.video, DatasetVideo) for c in found)
+    assert [c.video.read_bytes() for c in found] == [p.read_bytes() for p in clips]
+    items = VideoClipDataset(found, **SIZE)
+    reference = VideoClipDataset([data.Clip(p, c) for p, c in zip(clips, CAPTIONS)], **SIZE)
+    for i in range(len(clips)):
+        assert items[i]["skipped"] == [] and torch.equal(items[i]["video"], reference[i]["video"]), i
+    assert probe_video(found[3].video) == probe_video(clips[3])
+
+
 def test_shards_are_split_across_ranks_and_workers_once_each_by_seed_and_epoch(clips, tmp_path, monkeypatch):
     for s in range(4):
         samples = [shard_sample(f"{s}-{j}", clips[(s + j) % 4], f"shard {s} clip {j}") for j in range(2)]

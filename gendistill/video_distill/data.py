@@ -8,6 +8,9 @@ Decoding streams (PyAV): only the sampled frames are turned into pixels; the dec
 before the first one, decodes forward to the last one and seeks again across gaps longer than a keyframe
 interval, so memory and time follow the sample (49 frames), not the clip (a 10-minute 1080p clip decoded
 whole is 110 GB). Frame count and rate come from the stream header (counted from the packets when absent).
+A variable-frame-rate stream (timestamps not those of one rate: told from mp4's sample index, else from the
+packets' timestamps when the header's rates disagree) numbers its frames by position, and "fps" sampling
+takes the frames nearest the target times (`VideoInfo.times`).
 
 Buckets: with `bucket_clips` each clip goes to the bucket (frames, height, width) nearest its aspect ratio,
 then its length; `BucketBatchSampler` draws each batch from one bucket and resumes at any batch.
@@ -33,6 +36,7 @@ cache entry made with other settings or an edited video is never read.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import io
@@ -40,7 +44,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -128,12 +132,15 @@ class Clip:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """A video stream's metadata: frame count, frame rate (None when unknown), frame size in pixels."""
+    """A video stream's metadata: frame count, frame rate (None when unknown), frame size in pixels, and for
+    a variable-frame-rate stream each frame's time in seconds from the first (presentation order; None at a
+    constant rate, where frame i is at i / fps)."""
 
     frames: int
     fps: float | None
     height: int
     width: int
+    times: tuple[float, ...] | None = field(default=None, repr=False)
 
 
 # -- discovery ----------------------------------------------------------------------------------------
@@ -341,8 +348,30 @@ def _fps_step(fps: float | None, source_fps: float | None) -> float:
     return source_fps / fps
 
 
+def _half_last(times: Sequence[float]) -> float:
+    """Half the interval before a variable-rate clip's last frame: "fps" sampling takes the last frame up to
+    that long after it (as round(k * step) <= n - 1 does at a constant rate)."""
+    return (times[-1] - times[-2]) / 2 if len(times) > 1 else 0.0
+
+
+def _time_fits(t: float, times: Sequence[float]) -> bool:
+    """Whether time `t` (seconds from the first frame) is within a variable-rate clip for "fps" sampling."""
+    return t <= times[-1] or t - times[-1] < _half_last(times) - 1e-9
+
+
+def _nearest_frame(t: float, times: Sequence[float]) -> int:
+    """The frame whose time is nearest `t` (a tie: the later one, as rounding half up does)."""
+    j = bisect.bisect_left(times, t)
+    if j == len(times):
+        return j - 1
+    if j > 0 and t - times[j - 1] < times[j] - t - 1e-9:
+        return j - 1
+    return j
+
+
 def sample_frame_indices(num_available: int, num_frames: int, mode: str = "uniform", *,
-                         fps: float | None = None, source_fps: float | None = None) -> list[int]:
+                         fps: float | None = None, source_fps: float | None = None,
+                         times: Sequence[float] | None = None) -> list[int]:
     """Indices of `num_frames` frames out of `num_available`.
 
     "uniform": spread evenly over the whole clip (first and last frame included); "first": the
@@ -350,11 +379,21 @@ def sample_frame_indices(num_available: int, num_frames: int, mode: str = "unifo
     `preprocess_video_with_resize_with_frame_idxs`): every (num_available // num_frames)-th frame from
     frame 0, and a shorter clip padded with its last frame; "fps": from frame 0 at `fps` frames per
     second, frame k being the source frame nearest time k / fps, i.e. round(k * source_fps / fps) (a
-    source slower than `fps` repeats frames). Raises ValueError when the clip is too short ("uniform",
-    "first", "fps") or empty, or for "fps" without both rates.
+    source slower than `fps` repeats frames). `times` (a variable-frame-rate clip, `VideoInfo.times`:
+    each frame's time in seconds from the first): "fps" takes the frame whose time is nearest k / fps, up to
+    half a frame interval after the last frame; the other modes count frames, whatever their times.
+    Raises ValueError when the clip is too short ("uniform", "first", "fps") or empty, or for "fps" without
+    both rates (without `fps` and `times`).
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"frame sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+    if mode == "fps" and times:
+        _fps_step(fps, 1.0)
+        last = (num_frames - 1) / fps
+        if not _time_fits(last, times):
+            raise ValueError(f"has {len(times)} frames at a variable frame rate over {times[-1]:.3f} s, fewer than "
+                             f"the {num_frames} frames at {fps:g} fps need (the last at {last:.3f} s)")
+        return [_nearest_frame(k / fps, times) for k in range(num_frames)]
     if mode == "fps":
         step = _fps_step(fps, source_fps)
         need = _round_half_up((num_frames - 1) * step) + 1
@@ -374,11 +413,19 @@ def sample_frame_indices(num_available: int, num_frames: int, mode: str = "unifo
 
 
 def frames_available(num_available: int, mode: str = "uniform", *, fps: float | None = None,
-                     source_fps: float | None = None) -> int:
+                     source_fps: float | None = None, times: Sequence[float] | None = None) -> int:
     """The most frames `sample_frame_indices` can take from a clip of `num_available` frames: the count
-    itself, or for "fps" the number of frames at the target rate."""
+    itself, or for "fps" the number of frames at the target rate (by `times` for a variable-rate clip)."""
     if mode != "fps":
         return num_available
+    if times:
+        _fps_step(fps, 1.0)
+        f = max(1, int((times[-1] + _half_last(times)) * fps))
+        while f > 1 and not _time_fits((f - 1) / fps, times):
+            f -= 1
+        while _time_fits(f / fps, times):
+            f += 1
+        return f
     step = _fps_step(fps, source_fps)
     f = max(0, int((num_available - 0.5) / step) + 1)
     while f > 0 and _round_half_up((f - 1) * step) > num_available - 1:
@@ -426,25 +473,70 @@ def _frame_rate(stream) -> Fraction | None:
     return Fraction(rate) if rate else None
 
 
-def _stream_info(container, path) -> tuple[VideoInfo, bool]:
-    """(info, counted): `counted` when the header had no frame count and the packets were read to count
-    them (the container then needs a seek back before decoding)."""
+def _packet_pts(container, stream, path) -> list:
+    """The presentation timestamps of the stream's packets, read (not decoded) from the current position."""
+    try:
+        return [packet.pts for packet in container.demux(stream) if packet.size]
+    except Exception as err:
+        raise ValueError(f"cannot read video {path}: {err}") from err
+
+
+def _follow_rate(stamps: Sequence[int], rate: Fraction, time_base: Fraction) -> bool:
+    """Whether sorted timestamps are those of frames 0, 1, 2, ... at a constant `rate` (each rounds to its place)."""
+    frame = (np.asarray(stamps, np.float64) - stamps[0]) * float(Fraction(time_base) * rate)
+    return bool(np.array_equal(np.floor(frame + 0.5 + 1e-9), np.arange(len(stamps))))
+
+
+def _variable_pts(container, stream, rate, frames: int, pts: list | None, path) -> tuple[list[int] | None, bool]:
+    """(pts, scanned): the sorted timestamps of every frame for a variable-frame-rate stream, None for a constant
+    rate (frame i at i / rate); `scanned` when the packets were read here (the container needs a seek back).
+
+    A constant rate is read off the header when it can be: a full sample index (mp4, mov) whose decode
+    timestamps follow the rate, or (no full index) FFmpeg's guessed rate agreeing with the average; else
+    (or with `pts`, the packets already read) the packets' timestamps are checked."""
+    tb = stream.time_base
+    if not rate or tb is None:
+        return None, False
+    scanned = False
+    if pts is None:
+        entries = getattr(stream, "index_entries", None) or ()  # PyAV >= 14
+        if frames > 1 and len(entries) == frames:
+            if _follow_rate([e.timestamp for e in entries], rate, tb):
+                return None, False
+        elif stream.guessed_rate and Fraction(stream.guessed_rate) == rate:
+            return None, False
+        pts, scanned = _packet_pts(container, stream, path), True
+    if len(pts) < 2 or None in pts:
+        return None, scanned
+    pts = sorted(pts)
+    return (None if _follow_rate(pts, rate, tb) else pts), scanned
+
+
+def _stream_info(container, path) -> tuple[VideoInfo, bool, list[int] | None]:
+    """(info, rewind, pts): `rewind` when the packets were read (to count them when the header has no
+    count, or for the timestamps of a variable-rate stream): the container then needs a seek back before
+    decoding; `pts`: the sorted frame timestamps of a variable-rate stream, else None (`_variable_pts`)."""
     stream = container.streams.video[0]
     rate = _frame_rate(stream)
-    frames, counted = int(stream.frames or 0), False
+    frames, pts = int(stream.frames or 0), None
     if frames <= 0:
-        try:
-            frames = sum(1 for packet in container.demux(stream) if packet.size)
-        except Exception as err:
-            raise ValueError(f"cannot read video {path}: {err}") from err
-        counted = True
+        pts = _packet_pts(container, stream, path)
+        frames = len(pts)
+    counted = pts is not None
+    pts, scanned = _variable_pts(container, stream, rate, frames, pts, path)
+    times = None
+    if pts is not None:
+        frames = len(pts)
+        times = tuple(float((t - pts[0]) * stream.time_base) for t in pts)
     cc = stream.codec_context
-    return VideoInfo(frames, float(rate) if rate else None, int(cc.height), int(cc.width)), counted
+    info = VideoInfo(frames, float(rate) if rate else None, int(cc.height), int(cc.width), times)
+    return info, counted or scanned, pts
 
 
 def probe_video(path) -> VideoInfo:
-    """Frame count, rate and size of a video (a path, bytes or `DatasetVideo`) from its header (no frame
-    decoded; the packets are counted when the header has no count). ValueError naming it when it cannot be read."""
+    """Frame count, rate, size and (variable frame rate) frame times of a video (a path, bytes or `DatasetVideo`)
+    from its header, no frame decoded; the packets are read when the header has no count, or for the
+    timestamps of a variable-rate stream (`_variable_pts`). ValueError naming it when it cannot be read."""
     with _open_video(path) as container:
         return _stream_info(container, _video_name(path))[0]
 
@@ -454,14 +546,15 @@ def _decoded_frames(container, stream):
     yield from container.decode(stream)
 
 
-def _read_frames(container, indices: Sequence[int], path, rewind: bool = False) -> np.ndarray:
+def _read_frames(container, indices: Sequence[int], path, rewind: bool = False,
+                 pts: Sequence[int] | None = None) -> np.ndarray:
     """Decode frames `indices` of the container's first video stream -> uint8 [len(indices), H, W, 3].
 
-    A frame's index is its timestamp times the frame rate (counted in decoding order when the stream has
-    no rate). Seeks to the keyframe before the first index and decodes forward, seeking again when the
-    next index is further ahead than the longest keyframe interval seen; after a seek, frames before the
-    first keyframe are dropped and a seek that lands past the wanted frame is retried from further back
-    (that margin kept for the later seeks).
+    A frame's index is its position in `pts` (a variable-rate stream's sorted frame timestamps), else its
+    timestamp times the frame rate (counted in decoding order when the stream has no rate). Seeks to the
+    keyframe before the first index and decodes forward, seeking again when the next index is further ahead
+    than the longest keyframe interval seen; after a seek, frames before the first keyframe are dropped and
+    a seek that lands past the wanted frame is retried from further back (that margin kept for the later seeks).
     Only the wanted frames are converted to RGB. `rewind`: the container was read before (seek to the start).
     """
     stream = container.streams.video[0]
@@ -471,7 +564,7 @@ def _read_frames(container, indices: Sequence[int], path, rewind: bool = False) 
     rate = _frame_rate(stream)
     tb = stream.time_base
     start = stream.start_time or 0
-    timed = bool(rate) and tb is not None
+    timed = (bool(rate) and tb is not None) or bool(pts)
     slots: dict[int, list[int]] = {}  # frame index -> its positions in the output
     for k, j in enumerate(indices):
         slots.setdefault(int(j), []).append(k)
@@ -480,14 +573,24 @@ def _read_frames(container, indices: Sequence[int], path, rewind: bool = False) 
     target = wanted[0] if timed else 0
     while i < len(wanted):
         target = max(0, target - backoff)
-        if target > 0 or rewind:  # to the last timestamp that still rounds to frame `target`
-            offset = start + math.ceil((target + Fraction(1, 2)) / (rate * Fraction(tb))) - 1 if timed else start
+        if target > 0 or rewind:  # to frame `target`'s timestamp, or the last one that still rounds to it
+            if pts:
+                offset = pts[min(target, len(pts) - 1)]
+            elif timed:
+                offset = start + math.ceil((target + Fraction(1, 2)) / (rate * Fraction(tb))) - 1
+            else:
+                offset = start
             container.seek(int(offset), stream=stream, backward=True, any_frame=False)
         rewind = True  # every later pass starts with a seek
         trusted = target == 0  # from the start every frame is usable; after a seek, from the first keyframe on
         counter, last_key, reseek = 0, None, False
         for frame in _decoded_frames(container, stream):
-            if frame.pts is not None and timed:
+            if frame.pts is not None and pts:
+                idx = bisect.bisect_left(pts, frame.pts)
+                if idx == len(pts) or (idx > 0 and pts[idx] != frame.pts and
+                                       frame.pts - pts[idx - 1] < pts[idx] - frame.pts):
+                    idx -= 1  # not a listed timestamp (it should be): the nearest frame
+            elif frame.pts is not None and timed:
                 idx = _round_half_up(float((frame.pts - start) * tb * rate))
             elif target == 0:
                 idx = counter
@@ -541,7 +644,8 @@ def decode_frames(path, indices: Sequence[int]) -> np.ndarray:
     name = _video_name(path)
     with _open_video(path) as container:
         try:
-            return _read_frames(container, indices, name)
+            _, rewind, pts = _stream_info(container, name)
+            return _read_frames(container, indices, name, rewind=rewind, pts=pts)
         except ValueError:
             raise
         except Exception as err:  # decoder errors of a damaged file
@@ -580,9 +684,10 @@ def load_clip(path, num_frames: int, height: int, width: int, sampling: str = "u
     name = name or _video_name(path)
     with _open_video(path, name) as container:
         try:
-            info, counted = _stream_info(container, name)
-            idx = sample_frame_indices(info.frames, num_frames, sampling, fps=fps, source_fps=info.fps)
-            frames = _read_frames(container, idx, name, rewind=counted)
+            info, rewind, pts = _stream_info(container, name)
+            idx = sample_frame_indices(info.frames, num_frames, sampling, fps=fps, source_fps=info.fps,
+                                       times=info.times)
+            frames = _read_frames(container, idx, name, rewind=rewind, pts=pts)
         except ValueError as err:
             msg = str(err)
             raise ValueError(msg if name in msg else f"video {name} {msg}") from None
@@ -599,7 +704,7 @@ def assign_bucket(info: VideoInfo, buckets: Sequence[Sequence[int]], sampling: s
     Among the buckets whose frame count the clip can give (`frames_available`), the nearest aspect
     ratio (|log(w/h) - log(W/H)|) wins, then the nearest length (the most frames), then the first listed.
     """
-    avail = frames_available(info.frames, sampling, fps=fps, source_fps=info.fps)
+    avail = frames_available(info.frames, sampling, fps=fps, source_fps=info.fps, times=info.times)
     fits = [b for b, (f, _, _) in enumerate(buckets) if f <= avail]
     if not fits:
         return None
@@ -626,7 +731,7 @@ def bucket_clips(clips: Sequence[Clip], buckets: Sequence[Sequence[int]], sampli
             info = probe_video(clip.video)
             b = assign_bucket(info, buckets, sampling, fps)
             if b is None:
-                avail = frames_available(info.frames, sampling, fps=fps, source_fps=info.fps)
+                avail = frames_available(info.frames, sampling, fps=fps, source_fps=info.fps, times=info.times)
                 at = f" at {fps:g} fps" if sampling == "fps" else ""
                 raise ValueError(f"{avail} frames{at}, shorter than every bucket in data.buckets (fewest: {fewest})")
         except ValueError as err:
