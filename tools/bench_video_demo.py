@@ -92,9 +92,13 @@ def print_over_runs(runs: list[dict]) -> None:
         cells = []
         for key, (_, kind) in demo.METRICS.items():
             st, scale = stats.get(key), (100.0 if kind == "rate" else 1.0)
-            cells.append("n/a" if st is None else
-                         f"{fmt.format(scale * st['mean'])} [{fmt.format(scale * st['low'])}, "
-                         f"{fmt.format(scale * st['high'])}]")
+            if st is None:
+                cells.append("n/a")
+                continue
+            low, high = st["low"], st["high"]
+            if kind == "rate" and not label.startswith("TRD -"):  # shown clipped to 0-100%, as in the demo
+                low, high = max(low, 0.0), min(high, 1.0)
+            cells.append(f"{fmt.format(scale * st['mean'])} [{fmt.format(scale * low)}, {fmt.format(scale * high)}]")
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("(rates in %; their differences in percentage points)")
 
