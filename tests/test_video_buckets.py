@@ -65,6 +65,38 @@ def test_a_clip_shorter_than_every_bucket_is_skipped_with_a_warning_naming_it(tm
         bucket_clips(clips[1:2], BUCKETS)
 
 
+def test_the_header_index_spares_a_restart_probing_every_clip(tmp_path, monkeypatch):
+    """bucket_clips with an index: the first run reads every header and records it; the next reads none
+    (probe_video made to fail), except a clip rewritten since; unreadable clips are not recorded."""
+    from gendistill.video_distill import data
+
+    clips = [write_clip(tmp_path / "a.mp4", 10, 32, 48), write_clip(tmp_path / "b.mp4", 12, 32, 32)]
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    clips.append(Clip(tmp_path / "broken.mp4", "b"))
+    index = tmp_path / "cache" / "video_headers.json"
+    first = bucket_clips(clips, BUCKETS, index=index)
+    assert first == ([2, 0, None], [str(tmp_path / "broken.mp4")])
+    recorded = json.loads(index.read_text())
+    assert sorted(recorded) == [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+    assert recorded[str(tmp_path / "a.mp4")][2][:4] == [10, 30.0, 32, 48]
+    probed = []
+    real = data.probe_video
+
+    def counting(path):
+        probed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(data, "probe_video", counting)
+    assert bucket_clips(clips, BUCKETS, index=index) == first
+    assert probed == ["broken.mp4"]  # only the unreadable one is read again
+    write_clip(tmp_path / "b.mp4", 4, 32, 32)  # rewritten: too short now
+    probed.clear()
+    assert bucket_clips(clips, BUCKETS, index=index) == ([2, None, None], [str(tmp_path / "b.mp4"),
+                                                                           str(tmp_path / "broken.mp4")])
+    assert probed == ["b.mp4", "broken.mp4"]
+    assert data.probe_videos([tmp_path / "a.mp4"], index) == [real(tmp_path / "a.mp4")]
+
+
 def test_batches_never_mix_shapes_and_each_epoch_reads_every_clip_once(tmp_path, caplog):
     specs = [(9, 32, 32), (9, 32, 32), (9, 32, 32), (9, 32, 32), (9, 32, 48), (9, 32, 48), (5, 32, 48), (5, 32, 48)]
     clips = [write_clip(tmp_path / f"c{i}.mp4", f + 2, h, w, shade=i) for i, (f, h, w) in enumerate(specs)]

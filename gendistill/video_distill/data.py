@@ -67,6 +67,7 @@ __all__ = [
     "is_shard_source",
     "expand_shards",
     "probe_video",
+    "probe_videos",
     "sample_frame_indices",
     "frames_available",
     "decode_frames",
@@ -718,17 +719,19 @@ def assign_bucket(info: VideoInfo, buckets: Sequence[Sequence[int]], sampling: s
 
 
 def bucket_clips(clips: Sequence[Clip], buckets: Sequence[Sequence[int]], sampling: str = "uniform",
-                 fps: float | None = None) -> tuple[list[int | None], list[str]]:
-    """Each clip's bucket (`assign_bucket`, from its header: `probe_video`), None for a clip left out.
+                 fps: float | None = None, index: str | os.PathLike | None = None) -> tuple[list[int | None], list[str]]:
+    """Each clip's bucket (`assign_bucket`, from its header: `probe_videos`, with the header `index`), None
+    for a clip left out.
 
     Returns (bucket per clip, paths left out). A clip that cannot be read, or is shorter than every
     bucket, is left out with a warning naming it. ValueError when no clip fits any bucket.
     """
     out, left_out = [], []
     fewest = min(f for f, _, _ in buckets)
-    for clip in clips:
+    for clip, info in zip(clips, probe_videos([c.video for c in clips], index)):
         try:
-            info = probe_video(clip.video)
+            if isinstance(info, ValueError):
+                raise info
             b = assign_bucket(info, buckets, sampling, fps)
             if b is None:
                 avail = frames_available(info.frames, sampling, fps=fps, source_fps=info.fps, times=info.times)
@@ -1156,6 +1159,36 @@ def _stamp(path) -> tuple[str, list[int]]:
     return key, [st.st_size, st.st_mtime_ns]
 
 
+def _indexed(paths: Sequence, index: str | os.PathLike | None, compute, what: str) -> list:
+    """compute(path) for each path (or `DatasetVideo`), reusing the values recorded in the JSON file `index`
+    ({key: [size, mtime_ns, value]}, `_stamp`) while size and mtime still match; the file is rewritten
+    (atomically) when an entry was added or changed. A ValueError of compute is returned in the value's place,
+    not recorded. `what` names the index in a warning when it cannot be read (it is then rebuilt)."""
+    index = Path(index) if index is not None else None
+    known: dict = {}
+    if index is not None and index.is_file():
+        try:
+            known = json.loads(index.read_text())
+        except (OSError, ValueError) as err:  # unreadable: rebuilt from the files
+            logger.warning("ignoring the %s %s: %s", what, index, err)
+    out, changed = [], False
+    for p in paths:
+        key, stamp = _stamp(p)
+        entry = known.get(key)
+        if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp):
+            try:
+                entry = known[key] = [*stamp, compute(p)]
+            except ValueError as err:
+                out.append(err)
+                continue
+            changed = True
+        out.append(entry[2])
+    if changed and index is not None:
+        with atomic_path(index) as tmp:
+            tmp.write_text(json.dumps(known))
+    return out
+
+
 def file_digests(paths: Sequence, index: str | os.PathLike | None = None) -> list[str]:
     """`file_digest` of each path (or `DatasetVideo`), reusing the digests recorded in `index` when size and
     mtime still match.
@@ -1166,25 +1199,20 @@ def file_digests(paths: Sequence, index: str | os.PathLike | None = None) -> lis
     its mtime to the nanosecond, is not noticed. A `DatasetVideo`'s entry is keyed by its name and
     stamped with its dataset's arrow files (total size, newest mtime): re-saving the dataset re-reads them.
     """
-    index = Path(index) if index is not None else None
-    known: dict = {}
-    if index is not None and index.is_file():
-        try:
-            known = json.loads(index.read_text())
-        except (OSError, ValueError) as err:  # unreadable: rebuilt from the files
-            logger.warning("ignoring the file digest index %s: %s", index, err)
-    out, changed = [], False
-    for p in paths:
-        key, stamp = _stamp(p)
-        entry = known.get(key)
-        if not (isinstance(entry, list) and entry[:2] == stamp):
-            entry = known[key] = [*stamp, file_digest(p if isinstance(p, DatasetVideo) else key)]
-            changed = True
-        out.append(entry[2])
-    if changed and index is not None:
-        with atomic_path(index) as tmp:
-            tmp.write_text(json.dumps(known))
-    return out
+    return _indexed(paths, index, lambda p: file_digest(p if isinstance(p, DatasetVideo) else _stamp(p)[0]),
+                    "file digest index")
+
+
+def probe_videos(paths: Sequence, index: str | os.PathLike | None = None) -> list["VideoInfo | ValueError"]:
+    """`probe_video` of each path (or `DatasetVideo`); a clip that cannot be read gives its ValueError in
+    its place. `index`: a JSON file of the headers read before, kept as `file_digests` keeps its digests
+    (size and mtime checked), so a restart over many clips costs a stat per clip."""
+    def probe(p) -> list:
+        info = probe_video(p)
+        return [info.frames, info.fps, info.height, info.width, list(info.times) if info.times else None]
+
+    out = _indexed(paths, index, probe, "video header index")
+    return [v if isinstance(v, ValueError) else VideoInfo(*v[:4], tuple(v[4]) if v[4] else None) for v in out]
 
 
 def model_identity(source: str | os.PathLike, subfolders: Sequence[str] = ()) -> str:
