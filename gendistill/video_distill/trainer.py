@@ -37,6 +37,7 @@ stay in float32), `model.group_offload` (VAE and text encoder), `teacher.offload
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -838,10 +839,45 @@ class _Flag:
             signal.signal(self.sig, self.old)
 
 
+def _close_trackers_after_error(acc) -> None:
+    """A run that raised or was interrupted (Ctrl-C): its trackers keep what was logged (tensorboard's
+    writer flushed and its thread joined; a wandb run marked failed, as wandb's own exit hook would). The
+    process group is left to the process exit: a peer may be inside a collective, and tearing the group
+    down waits for queued collectives."""
+    for tracker in acc.trackers:  # the main process's; none elsewhere
+        try:
+            if tracker.name == "wandb":
+                tracker.run.finish(exit_code=1)
+            else:
+                tracker.finish()
+        except Exception as err:  # the run's own error is the one to report
+            logger.warning("could not close the %s tracker: %s", tracker.name, err)
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Build a `VideoREPATrainer` for `cfg`, train it and end its trackers (`accelerator.end_training`,
-    which also ends the process group); returns the summary dict."""
+    """Build a `VideoREPATrainer` for `cfg`, train it, end its trackers and (several processes) its
+    process group; returns the summary dict. On an error or Ctrl-C the trackers are closed and the
+    exception goes on."""
     trainer = VideoREPATrainer(cfg)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except BaseException:
+        _close_trackers_after_error(trainer.accelerator)
+        raise
+    # The end of a run, in this order. A 2-process gloo run once aborted at exit, after everything was
+    # written, with "terminate called without an active exception" (exit -6). `end_training` closes the
+    # trackers (tensorboard's writer thread joined) and then calls `destroy_process_group`, but that only
+    # unregisters the group: the models still hold it (DDP's reducer), so its gloo worker threads lived
+    # on into interpreter shutdown. A worker that dropped a finished collective's work late (a loaded
+    # machine) freed tensors whose Python objects it now owned, needed the GIL, and Python ended the
+    # thread inside a C++ destructor: std::terminate. So the trainer goes (models, optimizer and
+    # accelerator form a reference cycle: gc.collect), then our last reference to the group: its
+    # destructor, run without the GIL, joins the worker threads here, while Python is fully alive.
+    dist = torch.distributed
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
     trainer.accelerator.end_training()
+    del trainer
+    if group is not None:
+        gc.collect()
+        del group
     return summary
