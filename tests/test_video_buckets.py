@@ -213,3 +213,6 @@ def test_trainer_checkpoints_the_bucket_positions_and_resumes_them(tiny_models, 
     checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-2"
     resumed, seen_resumed = run(tmp_path / "b", f"resume_from_checkpoint={checkpoint}")
     assert resumed.position == 5 and seen_resumed == seen_full[2:]
+    # the headers read once are recorded beside the feature cache (the short clip's too: it is readable)
+    headers = json.loads((tmp_path / "a" / "cache" / "video_headers.json").read_text())
+    assert sorted(Path(k).name for k in headers) == sorted(p.name for p in data.glob("*.mp4"))

@@ -311,7 +311,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         for clip in clips:
             try:
                 info = probe_video(clip.video)
-                sample_frame_indices(info.frames, d.num_frames, d.frame_sampling, fps=d.fps, source_fps=info.fps)
+                sample_frame_indices(info.frames, d.num_frames, d.frame_sampling, fps=d.fps, source_fps=info.fps,
+                                     times=info.times)  # a variable-frame-rate clip: by its frame times
             except ValueError as err:
                 raise ValueError(f"validation.data: {clip.video}: {err}") from None
         return clips
@@ -449,10 +450,29 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             self.teacher.hidden_size = cache.load(keys[ok[0]])["teacher"].shape[-1]
         return ok, [keys[i] for i in ok], cache
 
+    def _bucket(self, clips, buckets):
+        """`bucket_clips` on the main process, its headers recorded beside the feature cache's file digests
+        (a restart stats the clips instead of opening each), the result sent to every process."""
+        from accelerate.utils import broadcast_object_list
+
+        from gendistill.video_distill.data import bucket_clips
+
+        cfg, result = self.cfg, None
+        if self.accelerator.is_main_process:
+            index = Path(cfg.data.cache_dir or self.out / "cache") / "video_headers.json"
+            try:
+                result = bucket_clips(clips, buckets, cfg.data.frame_sampling, cfg.data.fps, index=index)
+            except ValueError as err:  # no clip fits: every process raises it
+                result = err
+        result = broadcast_object_list([result])[0]
+        if isinstance(result, ValueError):
+            raise result
+        return result
+
     def _build_data(self) -> None:
         from torch.utils.data import DataLoader
 
-        from gendistill.video_distill.data import VideoClipDataset, bucket_clips, collate_clips
+        from gendistill.video_distill.data import VideoClipDataset, collate_clips
 
         cfg, clips = self.cfg, self._clips
         cache = keys = shapes = self._bucket_of = None
@@ -472,7 +492,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             return
         if cfg.data.buckets:  # each clip to its bucket; the ones that fit none are skipped (warned, counted)
             buckets = [tuple(b) for b in cfg.data.buckets]
-            of, left_out = bucket_clips(clips, buckets, cfg.data.frame_sampling, cfg.data.fps)
+            of, left_out = self._bucket(clips, buckets)
             self.skipped.update(left_out)
             clips, self._bucket_of = [c for c, b in zip(clips, of) if b is not None], [b for b in of if b is not None]
             shapes = [buckets[b] for b in self._bucket_of]
