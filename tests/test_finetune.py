@@ -303,7 +303,8 @@ def test_two_cpu_processes_keep_identical_weights(tiny_models, tmp_path):
     out = tmp_path / "ddp"
     args = ["finetune", "--config", str(TINY), f"output_dir={out}", f"model.pretrained={tiny_models['cogvideox']}",
             f"teacher.path={tiny_models['videomae']}", f"data.path={CLIPS}", "max_steps=3", "checkpoint.every=3",
-            "validation.every=3", "validation.prompts=[a red ball,a blue ball]"]
+            "validation.every=3", "validation.prompts=[a red ball,a blue ball]",
+            "data.buckets=[[9,32,32],[9,32,48]]"]  # assigned on the main process, sent to the other
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for attempt in range(2):  # a gloo rendezvous occasionally aborts on CPU: retry once on a fresh port
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -323,6 +324,7 @@ def test_two_cpu_processes_keep_identical_weights(tiny_models, tmp_path):
     assert sorted(p.name for p in (out / "validation").glob("*.mp4")) == [
         "step-000003_prompt-00.mp4", "step-000003_prompt-01.mp4"]
     assert (out / "export" / "transformer" / "config.json").is_file()
+    assert len(json.loads((out / "cache" / "video_headers.json").read_text())) == len(list(CLIPS.glob("*.mp4")))
 
 
 def test_rotary_transformer_like_cogvideox_5b_trains_and_validates(tmp_path):
