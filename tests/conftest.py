@@ -39,6 +39,23 @@ def free_port():
     return port
 
 
+@pytest.fixture
+def decoded_frames(monkeypatch) -> list:
+    """Every frame the streaming video decoder turns out (`data._decoded_frames`), appended as it goes:
+    what a test counts to show that only the sampled frames were decoded."""
+    import gendistill.video_distill.data as data
+
+    decoded, real = [], data._decoded_frames
+
+    def spy(container, stream):
+        for frame in real(container, stream):
+            decoded.append(frame)
+            yield frame
+
+    monkeypatch.setattr(data, "_decoded_frames", spy)
+    return decoded
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny scenes and models: one torch and numba thread avoids thread wake-up

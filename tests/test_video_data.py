@@ -102,17 +102,8 @@ def gop_clips(tmp_path_factory):
     return [folder / "gop.mp4", folder / "gop.mkv"]
 
 
-def test_pyav_decodes_the_sampled_frames_as_imageio_does_and_no_more(gop_clips, monkeypatch):
-    import gendistill.video_distill.data as data
-
-    decoded, real = [], data._decoded_frames
-
-    def spy(container, stream):
-        for frame in real(container, stream):
-            decoded.append(frame)
-            yield frame
-
-    monkeypatch.setattr(data, "_decoded_frames", spy)
+def test_pyav_decodes_the_sampled_frames_as_imageio_does_and_no_more(gop_clips, decoded_frames):
+    decoded = decoded_frames
     for path in gop_clips:
         ref = read_video(path)  # imageio (ffmpeg), the whole clip: the reference
         assert ref.shape == (150, 64, 96, 3) and probe_video(path) == VideoInfo(150, 30.0, 64, 96)
@@ -192,19 +183,10 @@ def vfr_clips(tmp_path_factory):
     return [write_vfr_clip(folder / "vfr.mp4", VFR_TIMES), write_vfr_clip(folder / "vfr.mkv", VFR_TIMES)]
 
 
-def test_variable_frame_rate_clips_sample_by_timestamp(vfr_clips, monkeypatch):
-    import gendistill.video_distill.data as data
-
+def test_variable_frame_rate_clips_sample_by_timestamp(vfr_clips, decoded_frames):
+    decoded = decoded_frames
     times = np.array(VFR_TIMES)
     end = times[-1] + (times[-1] - times[-2]) / 2  # the last frame shows until half a frame after it
-    decoded, real = [], data._decoded_frames
-
-    def spy(container, stream):
-        for frame in real(container, stream):
-            decoded.append(frame)
-            yield frame
-
-    monkeypatch.setattr(data, "_decoded_frames", spy)
     for path in vfr_clips:
         info = probe_video(path)
         assert info.frames == 30 and info.times == pytest.approx(VFR_TIMES, abs=1e-3)  # mkv: milliseconds
