@@ -1,6 +1,6 @@
 """Training data sources beyond folders and CSV/JSON: Parquet manifests, Hugging Face `datasets` folders (a path
 or a bytes column) and WebDataset shards (split across processes and DataLoader workers, bad samples skipped
-and counted); the same clips read from each give the same captions and bit-identical frames."""
+and counted, a resume going on at the exact batch); the same clips read from each give the same captions and bit-identical frames."""
 
 import hashlib
 import logging
@@ -17,6 +17,7 @@ import gendistill.video_distill.data as data
 from gendistill.core.media import write_video
 from gendistill.video_distill.data import (
     DatasetVideo,
+    ShardStreamPosition,
     VideoClipDataset,
     WebDatasetClips,
     collate_clips,
@@ -81,7 +82,7 @@ def save_hf(folder, videos, captions, caption_column="prompt"):
     return folder
 
 
-def test_every_source_yields_the_same_captions_and_bit_identical_frames(clips, monkeypatch):
+def test_every_source_yields_the_same_captions_and_bit_identical_frames(clips, decoded_frames):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -117,14 +118,7 @@ def test_every_source_yields_the_same_captions_and_bit_identical_frames(clips, m
         assert all(torch.equal(v, ref) for (_, v), (_, ref) in zip(source, reference))
 
     # bytes go through the same streaming decoder as files: the same frames decoded, and only those needed
-    decoded, real = [], data._decoded_frames
-
-    def spy(container, stream):
-        for frame in real(container, stream):
-            decoded.append(frame)
-            yield frame
-
-    monkeypatch.setattr(data, "_decoded_frames", spy)
+    decoded = decoded_frames
     counts = []
     for source in (clips[3], clips[3].read_bytes(), by_bytes[3].video):
         decoded.clear()
@@ -333,3 +327,152 @@ def test_the_trainer_streams_shards_and_counts_a_corrupt_member(clips, tmp_path)
     for key, value in (("data.cache", "true"), ("data.buckets", "[[9,32,32]]")):
         with pytest.raises(ValueError, match=f"{key}: not available with WebDataset shards"):
             VideoREPATrainer(load_config(FinetuneConfig, tiny, base + [f"{key}={value}"]))
+
+
+BROKEN = b"\x00\x00\x00\x18ftypmp42 not really a video"
+
+
+def keyed_shards(folder, clips, shards, per_shard, broken=True):
+    """Shards train-<s>.tar of `per_shard` clips keyed "<s>-<j>"; with `broken`, an undecodable video
+    "<s>-broken" among them, at position s % (per_shard + 1) (first, between, last)."""
+    for s in range(shards):
+        samples = [shard_sample(f"{s}-{j}", clips[(s + j) % 4], f"shard {s} clip {j}") for j in range(per_shard)]
+        if broken:
+            samples.insert(s % (per_shard + 1), {"__key__": f"{s}-broken", "mp4": BROKEN, "txt": "x"})
+        write_shard(folder / f"train-{s}.tar", samples)
+    return str(folder / f"train-{{0..{shards - 1}}}.tar")
+
+
+def stream_batches(pattern, n, num_workers, **kw):
+    """The stream and its first n batches from a DataLoader: [(sample keys, skipped members, indices)], cursors."""
+    stream = WebDatasetClips(pattern, seed=3, epochs=None, **SIZE, **kw)
+    got = []
+    for batch in DataLoader(stream, batch_size=2, num_workers=num_workers, collate_fn=collate_clips):
+        got.append(batch)
+        if len(got) == n:
+            break
+    return stream, [([k.rsplit(":", 1)[1] for k in b["key"]], b["skipped"], b["index"]) for b in got], \
+        [b["cursor"] for b in got]
+
+
+def position_after(stream, readers, cursors, state=None):
+    position = ShardStreamPosition(stream, readers, state)
+    for cursor in cursors:
+        position.consumed(cursor)
+    return position.state()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shard_stream_resumes_at_any_batch_exactly_without_decoding_what_it_passes(clips, tmp_path, monkeypatch,
+                                                                                    num_workers):
+    """After the batches up to k (their cursors kept by `ShardStreamPosition`), a stream given that state reads
+    the uninterrupted stream's batches k+1.. (sample keys, skipped members, indices), with 0 or 2 DataLoader
+    workers, across epochs, on each of 2 processes, and again from a resumed stream; the corrupt member of each
+    shard shifts nothing, before the cursor or after it, and nothing before a cursor is decoded."""
+    pattern = keyed_shards(tmp_path, clips, shards=5, per_shard=3)
+    decoded = tmp_path / "decoded.txt"  # load_clip's calls, from DataLoader workers too (forked)
+    real = data.load_clip
+
+    def load_clip(*args, name=None, **kw):
+        with open(decoded, "a") as f:
+            f.write(f"{name}\n")
+        return real(*args, name=name, **kw)
+
+    monkeypatch.setattr(data, "load_clip", load_clip)
+    readers = max(1, num_workers)
+    for rank in range(2):
+        stream, full, cursors = stream_batches(pattern, 9, num_workers, rank=rank, world=2)
+        assert len({c["epoch"] for c in cursors}) > 1 and {c["reader"] for c in cursors} == set(range(readers))
+        assert any(skipped for _, skipped, _ in full)  # broken members are met
+        for k in (1, 2, 5):
+            state = position_after(stream, readers, cursors[:k])
+            decoded.write_text("")
+            again, resumed, more = stream_batches(pattern, 9 - k, num_workers, rank=rank, world=2, state=state)
+            assert resumed == full[k:], (rank, k)
+            if num_workers == 0:  # no read-ahead: exactly the items handed out and the broken ones met on the way
+                def key(member):  # url:key.ext -> key
+                    return member.rsplit(":", 1)[1].rsplit(".", 1)[0]
+
+                handed = [name for keys, skipped, _ in resumed for name in keys + [key(m) for m in skipped]]
+                assert sorted(key(n) for n in decoded.read_text().split()) == sorted(handed), (rank, k)
+            if k == 2:  # resumed twice: from the resumed stream's own position
+                state = position_after(again, readers, more[:3], state)
+                _, twice, _ = stream_batches(pattern, 9 - k - 3, num_workers, rank=rank, world=2, state=state)
+                assert twice == full[k + 3:], rank
+
+
+def test_a_shard_cut_short_before_the_cursor_is_not_reported_again(clips, tmp_path):
+    """The error of a tar cut short, met while passing over the samples before the cursor, went out with the
+    batches before it: the resumed batches name only what the uninterrupted ones name."""
+    write_shard(tmp_path / "a.tar", [shard_sample("x0", clips[0], CAPTIONS[0])])
+    write_shard(tmp_path / "b.tar", [shard_sample("x1", clips[1], CAPTIONS[1]), shard_sample("x2", clips[3], "cut")])
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        cut = tar.getmember("x2.mkv").offset_data + 700
+    (tmp_path / "b.tar").write_bytes((tmp_path / "b.tar").read_bytes()[:cut])
+    write_shard(tmp_path / "c.tar", [shard_sample(f"x{j}", clips[j % 4], CAPTIONS[j % 4]) for j in (3, 4)])
+    pattern = str(tmp_path / "{a,b,c}.tar")
+    stream, full, cursors = stream_batches(pattern, 4, 0, shuffle=False)
+    assert [keys for keys, _, _ in full] == [["x0", "x1"], ["x3", "x4"]] * 2
+    assert full[0][1] == [f"{tmp_path / 'b.tar'}:x2.mkv"] and full[1][1] == []
+    assert cursors[0]["sample"] == 1  # after x1, before the cut
+    _, resumed, _ = stream_batches(pattern, 3, 0, shuffle=False, state=position_after(stream, 1, cursors[:1]))
+    assert resumed == full[1:]
+
+
+def test_a_shard_position_of_another_worker_count_or_stream_starts_afresh_with_a_warning(clips, tmp_path, caplog):
+    pattern = keyed_shards(tmp_path, clips, shards=3, per_shard=2, broken=False)
+    stream, _, cursors = stream_batches(pattern, 3, 2)
+    state = position_after(stream, 2, cursors)
+    _, fresh, _ = stream_batches(pattern, 3, 0)
+    with caplog.at_level(logging.WARNING, logger="gendistill.video_distill"):
+        _, resumed, _ = stream_batches(pattern, 3, 0, state=state)
+    assert resumed == fresh
+    assert any("saved with 2 DataLoader reader(s), this run has 1" in r.getMessage() and "starts afresh at epoch 0"
+               in r.getMessage() for r in caplog.records)
+    other = WebDatasetClips(pattern, seed=4, **SIZE)
+    assert "seed changed" in other.state_problem(state, 2)
+    assert "process 0 of 1, this is process 1 of 2" in WebDatasetClips(pattern, rank=1, world=2, seed=3,
+                                                                       **SIZE).state_problem(state, 2)
+    assert stream.state_problem(state, 2) is None and "no shard stream position" in stream.state_problem(None, 2)
+
+
+def test_the_trainer_resumes_a_shard_stream_exactly_and_starts_afresh_when_the_workers_change(clips, tmp_path,
+                                                                                               caplog):
+    """With 2 DataLoader workers, the step-3 checkpoint holds both workers' cursors and the next one's turn; a
+    run resumed from it reads the uninterrupted run's batches 4..; resumed with other data.num_workers it warns
+    and reads a fresh epoch."""
+    from gendistill.config import load_config
+    from gendistill.testing.video import write_tiny_models
+    from gendistill.video_distill.finetune_config import FinetuneConfig
+    from gendistill.video_distill.trainer import VideoREPATrainer
+
+    (tmp_path / "shards").mkdir()
+    pattern = keyed_shards(tmp_path / "shards", clips, shards=3, per_shard=2)
+    models = write_tiny_models(tmp_path / "models")
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "video_distill" / "tiny_cpu.yaml"
+
+    def run(out, *extra):
+        cfg = load_config(FinetuneConfig, tiny, [
+            f"output_dir={out}", f"model.pretrained={models['cogvideox']}", f"teacher.path={models['videomae']}",
+            f"data.path={pattern}", "max_steps=5", "log_every=1", "validation.every=0", "export=false",
+            "checkpoint.every=3", "data.num_workers=2", *extra])
+        trainer = VideoREPATrainer(cfg)
+        seen, step = [], trainer.training_step
+        trainer.training_step = lambda batch: seen.append(
+            ([k.rsplit(":", 1)[1] for k in batch["key"]], batch["skipped"])) or step(batch)
+        trainer.train()
+        return trainer, seen
+
+    full, seen_full = run(tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-3"
+    state = torch.load(checkpoint / "trainer_state_0.pt", weights_only=False)["data_state"]
+    assert state["kind"] == "shards" and state["readers"] == 2 and state["next"] == 1
+    assert [c["count"] for c in state["cursors"]] == [2, 1]  # batch size 1: workers 0, 1, 0
+    resumed, seen_resumed = run(tmp_path / "b", f"resume_from_checkpoint={checkpoint}")
+    assert resumed.position == 5 and seen_resumed == seen_full[3:]
+    with caplog.at_level(logging.WARNING, logger="gendistill.video_distill"):
+        _, seen_other = run(tmp_path / "c", f"resume_from_checkpoint={checkpoint}", "data.num_workers=0",
+                            "max_steps=4")
+    assert len(seen_other) == 1
+    assert any("saved with 2 DataLoader reader(s), this run has 1" in r.getMessage() and
+               "fresh epoch of shards (epoch 3)" in r.getMessage() for r in caplog.records)

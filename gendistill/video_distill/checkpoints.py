@@ -193,7 +193,7 @@ class CheckpointMixin:
         self.generator.set_state(state["generator"])
         self.position, self.step = state["position"], state["step"]
         self.skipped.update(state.get("skipped", []))
-        self._resumed_data_state = state.get("data_state")  # data.buckets: each bucket's seed and position
+        self._resumed_data_state = state.get("data_state")  # buckets' seeds and positions; shard cursors
         if self.accelerator.is_main_process:
             drop_log_after(log, self.step)
             print(f"resumed from {path} at step {self.step}")

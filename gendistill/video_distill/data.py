@@ -22,7 +22,8 @@ pyarrow), or a Hugging Face `datasets` folder (`save_to_disk`; its video column 
 video bytes, read lazily: `DatasetVideo`). Relative paths are resolved against `root`, else the
 manifest's folder. WebDataset shards (`shards/train-{000000..000009}.tar`, or a folder of .tar files)
 are streamed, not listed: `WebDatasetClips` yields the same items, each process and DataLoader worker
-reading its own shards. Bytes (dataset cells, tar members) decode with the same streaming decoder.
+reading its own shards, and resumes exactly where a checkpoint left it (`ShardStreamPosition`). Bytes
+(dataset cells, tar members) decode with the same streaming decoder.
 
 Bad input never stops a run: a manifest row pointing nowhere or a video without caption is left
 out at discovery (returned in `problems`); a video that cannot be decoded or is shorter than
@@ -79,6 +80,7 @@ __all__ = [
     "ResumableBatchSampler",
     "BucketBatchSampler",
     "WebDatasetClips",
+    "ShardStreamPosition",
     "collate_clips",
     "file_digest",
     "file_digests",
@@ -815,9 +817,12 @@ class VideoClipDataset(Dataset):
 
 
 def collate_clips(items: list[dict]) -> dict:
-    """Stack tensors, keep captions / indices as lists, concatenate the skipped paths."""
+    """Stack tensors, keep captions / indices as lists, concatenate the skipped paths; a shard stream's
+    items: the "cursor" of the last one (where its reader stands after this batch) and their "key"s."""
     out = {"caption": [it["caption"] for it in items], "index": [it["index"] for it in items],
            "skipped": [p for it in items for p in it["skipped"]]}
+    if "cursor" in items[-1]:
+        out["cursor"], out["key"] = items[-1]["cursor"], [it["key"] for it in items]
     for key in items[0]:
         if isinstance(items[0][key], torch.Tensor):
             out[key] = torch.stack([it[key] for it in items])
@@ -1035,11 +1040,22 @@ class WebDatasetClips(IterableDataset):
     trainer for its skipped count. (A damaged tar header after the first member ends the shard there
     without an error: Python's tarfile takes it for the archive's end.) Videos decode from their bytes
     with `load_clip`: only the sampled frames.
+
+    Resuming: each item carries "cursor", where its reader (a DataLoader worker, the role `reader` of
+    `readers`) stands after it: {"reader", "readers", "epoch", "shard": index in that reader's shards of
+    the epoch, "sample": samples (tar groups, the unusable ones too) read of that shard, "count": items
+    so far}. `ShardStreamPosition` keeps the cursors of the batches consumed; its `state()` given as
+    `state` makes the next iteration go on from there: DataLoader worker w plays reader (w + next) % n,
+    since the DataLoader takes batches from its workers 0, 1, ... in turn, and each reader passes over
+    the samples before its cursor without decoding them. A state of another reader count, process,
+    shard list, seed or shuffle is ignored with a warning (`state_problem`): the iteration starts at
+    `epoch`, as without one.
     """
 
     def __init__(self, shards: str | os.PathLike | Sequence[str], *, num_frames: int, height: int, width: int,
                  sampling: str = "uniform", fps: float | None = None, seed: int = 0, shuffle: bool = True,
-                 epoch: int = 0, epochs: int | None = 1, rank: int | None = None, world: int | None = None):
+                 epoch: int = 0, epochs: int | None = 1, rank: int | None = None, world: int | None = None,
+                 state: dict | None = None):
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"frame sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         if sampling == "fps":
@@ -1049,7 +1065,38 @@ class WebDatasetClips(IterableDataset):
         self.shards = expand_shards(shards) if isinstance(shards, (str, os.PathLike)) else [str(s) for s in shards]
         self.num_frames, self.height, self.width, self.sampling, self.fps = num_frames, height, width, sampling, fps
         self.seed, self.shuffle, self.epoch, self.epochs = seed, shuffle, epoch, epochs
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.state = rank, world, state
+
+    @property
+    def identity(self) -> str:
+        """A digest of what orders the stream (shards, seed, shuffle): a saved position holds it."""
+        return hashlib.sha256(json.dumps([self.shards, self.seed, self.shuffle]).encode()).hexdigest()[:16]
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.world is not None:
+            return self.rank, self.world
+        import webdataset as wds
+
+        return tuple(wds.utils.pytorch_worker_info()[:2])
+
+    def state_problem(self, state: dict | None, readers: int) -> str | None:
+        """Why `state` (`ShardStreamPosition.state()`) cannot resume this stream read by `readers` readers
+        (DataLoader workers, 1 for none); None when it can."""
+        if not isinstance(state, dict) or state.get("kind") != "shards":
+            return "the checkpoint holds no shard stream position"
+        rank, world = self._rank_world()
+        if state.get("readers") != readers:
+            return (f"the shard position was saved with {state.get('readers')} DataLoader reader(s), this run "
+                    f"has {readers} (data.num_workers changed)")
+        if (state.get("rank"), state.get("world")) != (rank, world):
+            return (f"the shard position was saved by process {state.get('rank')} of {state.get('world')}, "
+                    f"this is process {rank} of {world}")
+        if state.get("stream") != self.identity:
+            return "the shards, data.shuffle or seed changed since the shard position was saved"
+        cursors = state.get("cursors")
+        if not isinstance(cursors, list) or len(cursors) != readers or not 0 <= state.get("next", -1) < readers:
+            return "the saved shard position is malformed"
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration starts at."""
@@ -1082,6 +1129,14 @@ class WebDatasetClips(IterableDataset):
         rank, world = (env_rank, env_world) if self.world is None else (self.rank, self.world)
         if len(self.shards) < world:
             raise ValueError(f"{len(self.shards)} shards for {world} processes: each process needs at least one")
+        state = self.state
+        problem = self.state_problem(state, workers) if state is not None else None
+        if problem:
+            logger.warning("%s: the shard stream starts afresh at epoch %d", problem, self.epoch)
+            state = None
+        reader = worker if state is None else (worker + state["next"]) % workers
+        cursor = state["cursors"][reader] if state is not None else {"epoch": self.epoch, "shard": 0, "sample": 0,
+                                                                     "count": 0}
         pending: list[str] = []  # skipped since the last item
         where = {"url": None, "member": None, "read": None}  # shard; tar member being read; last one read whole
 
@@ -1113,11 +1168,19 @@ class WebDatasetClips(IterableDataset):
             files = tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler, select_files=select)
             return group_by_keys(read_whole(files), handler=handler)
 
-        count, epoch = 0, self.epoch
-        while self.epochs is None or epoch < self.epoch + self.epochs:
-            before = count
-            for url in self.shards_for(epoch, rank, world, worker, workers):
-                for sample in samples(url):
+        count, epoch = int(cursor["count"]), int(cursor["epoch"])
+        first, passed = int(cursor["shard"]), int(cursor["sample"])  # shard to start at, its samples to pass over
+        end = None if self.epochs is None else epoch + self.epochs
+        while end is None or epoch < end:
+            before, whole = count, first == 0 and passed == 0  # an epoch read from its start
+            shards = self.shards_for(epoch, rank, world, reader, workers)
+            for s in range(first, len(shards)):
+                url, n = shards[s], -1
+                for n, sample in enumerate(samples(url)):
+                    if n < passed:  # before the cursor: passed over undecoded
+                        if n == passed - 1:
+                            pending.clear()  # what went wrong before the cursor was reported before it
+                        continue
                     video = _sample_video(sample)
                     member = f"{url}:{sample['__key__']}" + (f".{video}" if video else "")
                     try:
@@ -1125,15 +1188,45 @@ class WebDatasetClips(IterableDataset):
                     except Exception as err:  # any problem of one sample: skip it, never stop the run
                         skip(member, err)
                         continue
-                    item.update(index=count, skipped=pending[:])
-                    pending.clear()
                     count += 1
+                    item.update(index=count - 1, skipped=pending[:],
+                                cursor={"reader": reader, "readers": workers, "epoch": epoch, "shard": s,
+                                        "sample": n + 1, "count": count})
+                    pending.clear()
                     yield item
-            if count == before:  # no usable sample (or no shard) for this worker: stop rather than spin
+                if n < passed - 1:  # a shard with fewer samples than the cursor's (changed since): all passed over
+                    pending.clear()
+                passed = 0
+            if count == before and whole:  # no usable sample (or no shard) for this worker: stop rather than spin
                 if pending:
                     logger.warning("no usable sample in this reader's shards (%d skipped): it stops", len(pending))
                 return
-            epoch += 1
+            epoch, first = epoch + 1, 0
+
+
+class ShardStreamPosition:
+    """Where a `WebDatasetClips` stream read by `readers` readers (DataLoader workers; 1 for none) stands
+    after the batches consumed: each reader's cursor (of the last batch taken from it) and the reader of
+    the next batch. `consumed(batch["cursor"])` after each batch; `state()` (a dict for checkpoints, of
+    this process) is the `state` that resumes the stream there. Starts at `stream.epoch`, or at `state`."""
+
+    def __init__(self, stream: WebDatasetClips, readers: int, state: dict | None = None):
+        rank, world = stream._rank_world()
+        self.fixed = {"kind": "shards", "readers": readers, "rank": rank, "world": world, "stream": stream.identity}
+        if state is not None:
+            self.next, self.cursors = int(state["next"]), [dict(c) for c in state["cursors"]]
+        else:
+            self.next = 0
+            self.cursors = [{"epoch": stream.epoch, "shard": 0, "sample": 0, "count": 0} for _ in range(readers)]
+
+    def consumed(self, cursor: dict) -> None:
+        """Record a consumed batch's "cursor"."""
+        reader = cursor["reader"]
+        self.cursors[reader] = {k: cursor[k] for k in ("epoch", "shard", "sample", "count")}
+        self.next = (reader + 1) % len(self.cursors)
+
+    def state(self) -> dict:
+        return {**self.fixed, "next": self.next, "cursors": [dict(c) for c in self.cursors]}
 
 
 # -- cache --------------------------------------------------------------------------------------------

@@ -245,6 +245,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         self.step = 0  # optimizer steps done
         self.position = 0  # micro-batches consumed (data position)
         self._bucket_of = self._resumed_data_state = None  # data.buckets: each clip's bucket; a checkpoint's state
+        self._stream_position = None  # shards: the readers' cursors after the batches consumed (`_data_state`)
         self.skipped: set[str] = set()
         self.problems: list[str] = []
         self.grad_norm = None  # of the last optimizer step (before clipping); None when it was skipped
@@ -476,14 +477,23 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
 
         cfg, clips = self.cfg, self._clips
         cache = keys = shapes = self._bucket_of = None
-        if clips is None:  # shards: each process streams its own; a resume starts a fresh epoch of them
-            from gendistill.video_distill.data import WebDatasetClips
+        if clips is None:  # shards: each process streams its own; a resume goes on at its readers' cursors
+            from gendistill.video_distill.data import ShardStreamPosition, WebDatasetClips
 
             def stream(start: int):
                 shards = WebDatasetClips(cfg.data.path, num_frames=cfg.data.num_frames, height=cfg.data.height,
-                                               width=cfg.data.width, sampling=cfg.data.frame_sampling, fps=cfg.data.fps,
-                                               seed=cfg.seed, shuffle=cfg.data.shuffle, epoch=start, epochs=None,
-                                               rank=self.rank, world=self.world)
+                                         width=cfg.data.width, sampling=cfg.data.frame_sampling, fps=cfg.data.fps,
+                                         seed=cfg.seed, shuffle=cfg.data.shuffle, epoch=start, epochs=None,
+                                         rank=self.rank, world=self.world)
+                readers, state = max(1, cfg.data.num_workers), self._resumed_data_state
+                if start or state is not None:  # a resume: exact when the checkpoint's position fits this run
+                    problem = shards.state_problem(state, readers)
+                    if problem:
+                        logger.warning("%s: reading a fresh epoch of shards (epoch %d) instead of going on "
+                                       "where the checkpoint stopped", problem, start)
+                        state = None
+                shards.state = state
+                self._stream_position = ShardStreamPosition(shards, readers, state)
                 return DataLoader(shards, batch_size=cfg.batch_size, collate_fn=collate_clips,
                                   num_workers=cfg.data.num_workers)
 
@@ -522,7 +532,10 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         return self.batch_sampler
 
     def _data_state(self) -> dict | None:
-        """The bucket sampler's state after the micro-batches consumed (`position`); None without buckets."""
+        """The data position after the micro-batches consumed (`position`): the bucket sampler's state, or the
+        shard stream's readers' cursors (`ShardStreamPosition.state()`); None otherwise."""
+        if self._stream_position is not None:
+            return self._stream_position.state()
         sampler = getattr(self, "batch_sampler", None)
         return sampler.state_at(self.position) if sampler is not None else None
 
@@ -659,6 +672,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         losses = self.step_tensors(batch)
         self.position += 1
         self.skipped.update(batch["skipped"])
+        if "cursor" in batch and self._stream_position is not None:
+            self._stream_position.consumed(batch["cursor"])
         return {k: v.item() for k, v in losses.items()}
 
     def _log(self, record: dict) -> None:
