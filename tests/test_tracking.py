@@ -49,7 +49,7 @@ def test_tensorboard_scalars_and_videos_match_the_jsonl_log(tiny_models, tmp_pat
     events.Reload()
     tags = events.Tags()
     expected = {"train/loss", "train/loss_diffusion", "train/loss_align", "train/lr", "train/grad_norm",
-                "train/clips_per_s", "train/rss_gb", "val/loss_diffusion", "val/loss_align"}
+                "train/clips_per_s", "train/tokens_per_s", "train/rss_gb", "val/loss_diffusion", "val/loss_align"}
     assert expected <= set(tags["scalars"]), tags["scalars"]
     scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in expected}
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
@@ -63,6 +63,15 @@ def test_tensorboard_scalars_and_videos_match_the_jsonl_log(tiny_models, tmp_pat
     assert sorted(scalars["train/grad_norm"]) == [1, 2, 3, 4]
     assert all(v > 0 for v in scalars["train/grad_norm"].values())
     assert all(v > 0 for v in scalars["train/clips_per_s"].values())
+    # tokens/s = clips/s x the video tokens of one clip, counted here from the configs: latent frames
+    # (temporal compression) x latent height and width (spatial compression) / the transformer's patch
+    vae, tr = (json.loads((Path(tiny_models["cogvideox"]) / sub / "config.json").read_text())
+               for sub in ("vae", "transformer"))
+    down = 2 ** (len(vae["block_out_channels"]) - 1)
+    per_clip = (((cfg.data.num_frames - 1) // vae["temporal_compression_ratio"] + 1) // (tr["patch_size_t"] or 1)
+                * (cfg.data.height // down // tr["patch_size"]) * (cfg.data.width // down // tr["patch_size"]))
+    for step, clips_per_s in scalars["train/clips_per_s"].items():
+        assert scalars["train/tokens_per_s"][step] == pytest.approx(clips_per_s * per_clip, rel=1e-5)
     for tag in ("val/loss_diffusion", "val/loss_align"):
         assert sorted(scalars[tag]) == [2, 4], tag
         for r in summary["history"]:

@@ -21,7 +21,8 @@ state; the last `checkpoint.keep` kept), `validation/step-NNNNNN_prompt-KK.mp4`,
 (`pytorch_lora_weights.safetensors` or `transformer/`, plus the heads `projector/` and `aligner/`),
 `logs/train_log.jsonl`, `config.yaml`; with `report_to` (accelerate's trackers, main process only)
 `logs/<tracker_project>/` (tensorboard) or `logs/wandb/`: train/loss, train/loss_diffusion,
-train/loss_align, train/lr, train/grad_norm, train/clips_per_s, train/max_memory_allocated_gb (GPU) or
+train/loss_align, train/lr, train/grad_norm, train/clips_per_s, train/tokens_per_s (the transformer's video
+tokens, summed over processes), train/max_memory_allocated_gb (GPU) or
 train/rss_gb (CPU) every `log_every` steps; val/loss_diffusion, val/loss_align (`validation_loss`) and the
 validation videos (validation/prompt-KK) every `validation.every` steps.
 
@@ -246,6 +247,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         self.position = 0  # micro-batches consumed (data position)
         self._bucket_of = self._resumed_data_state = None  # data.buckets: each clip's bucket; a checkpoint's state
         self._stream_position = None  # shards: the readers' cursors after the batches consumed (`_data_state`)
+        self._batch_tokens = self._tokens_since_log = 0  # video tokens of the last micro-batch; since the last log
         self.skipped: set[str] = set()
         self.problems: list[str] = []
         self.grad_norm = None  # of the last optimizer step (before clipping); None when it was skipped
@@ -621,6 +623,8 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         prompt_embeds = feats["prompt_embeds"].to(self.weight_dtype)
         teacher = feats.get("teacher")
         grid = tuple(teacher.shape[1:4]) if teacher is not None else None
+        pt, p = self.transformer.config.patch_size_t or 1, self.transformer.config.patch_size
+        self._batch_tokens = B * (f // pt) * (h // p) * (w // p)  # video tokens the transformer saw (tokens/s)
         pred, aligned = self.student(noisy, prompt_embeds, t, rotary, grid)
         loss_diff = diffusion_loss(self.scheduler.alphas_cumprod, pred, noisy, latents, t)
         loss_align = torch.zeros((), device=self.device)
@@ -671,6 +675,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         """One micro-batch (`step_tensors`), counted; the losses as floats."""
         losses = self.step_tensors(batch)
         self.position += 1
+        self._tokens_since_log += self._batch_tokens
         self.skipped.update(batch["skipped"])
         if "cursor" in batch and self._stream_position is not None:
             self._stream_position.consumed(batch["cursor"])
@@ -708,6 +713,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
         if seconds > 0:
             clips = steps * cfg.batch_size * cfg.gradient_accumulation_steps * self.world
             values["train/clips_per_s"] = clips / seconds
+            values["train/tokens_per_s"] = self._tokens_since_log * self.world / seconds  # this process's x world
         values.update(_memory(self.device))
         acc.log(values, step=record["step"])
 
@@ -817,7 +823,7 @@ class VideoREPATrainer(CheckpointMixin, ExportMixin):
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self._log(record)
                 self._track(record, busy, since)
-                busy, since = 0.0, 0
+                busy, since, self._tokens_since_log = 0.0, 0, 0
                 bar.set_postfix(loss=f"{record['loss']:.4f}", align=f"{record['align']:.4f}")
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()  # before the checkpoint: a run killed in between redoes this step's videos
